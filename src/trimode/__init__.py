@@ -1,0 +1,14 @@
+"""trimode: an inference engine for tri-mode diffusion language models.
+
+One set of weights decodes in three modes switched by the attention pattern: ``ar``
+(causal), ``diffusion`` (block diffusion) and ``linear_spec`` (self-speculation).
+"""
+
+from .config import CheckpointError, ModelConfig
+from .llm import LLM
+from .outputs import ForwardTrace, RequestMetrics, RequestOutput
+from .params import MODES, SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "ForwardTrace",
+           "ModelConfig", "CheckpointError", "MODES"]
+__version__ = "0.1.0"

@@ -1,0 +1,80 @@
+"""The one decoding loop: prefill, then step every live request until all are finished.
+
+Each step asks every live request's strategy for its next forward, packs them into one
+batched forward (rows right-padded to the longest; each row keeps its own attention kind,
+cache write flag and adapter flag), and hands each row its logits back. Finished requests
+leave the batch at once. Knows nothing about modes beyond the Step interface.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..model import TriModeModel
+from .sequence import Sequence, Step
+from .strategies import STRATEGIES
+
+
+def decode(model: TriModeModel, seqs: list[Sequence]) -> None:
+    """Decode ``seqs`` to completion in place (tokens, finish reasons, metrics)."""
+    if not seqs:
+        return
+    start = time.perf_counter()
+    capacity = max(len(s.prompt_ids) + s.params.max_tokens + 2 * s.block_length for s in seqs)
+    cache = model.new_cache(len(seqs), capacity)
+    live = list(seqs)
+    prompts = [Step(s.prompt_ids, "prefill") for s in seqs]
+    hidden, n_valid = _forward(model, cache, prompts)
+    last = hidden[torch.arange(len(seqs)), n_valid - 1]
+    logits = model.logits(last).cpu()
+    for i, seq in enumerate(seqs):
+        seq.strategy = STRATEGIES[seq.params.mode]()
+        seq.metrics.nfe += 1
+        seq.strategy.start(seq, logits[i : i + 1])
+    live = _drop_finished(live, cache, start)
+    while live:
+        steps = [s.strategy.next_step(s) for s in live]
+        hidden, _ = _forward(model, cache, steps)
+        logits = model.logits(hidden).cpu()
+        for i, (seq, step) in enumerate(zip(live, steps)):
+            seq.metrics.nfe += 1
+            seq.strategy.update(seq, logits[i, : len(step.tokens)])
+        rollback = torch.tensor([s.rollback for s in live], device=cache.lengths.device)
+        if bool(rollback.any()):
+            cache.crop(cache.lengths - rollback)
+            for s in live:
+                s.rollback = 0
+        live = _drop_finished(live, cache, start)
+
+
+def _forward(model: TriModeModel, cache, steps: list[Step]) -> tuple[torch.Tensor, torch.Tensor]:
+    device = model.device
+    width = max(len(s.tokens) for s in steps)
+    tokens = torch.zeros(len(steps), width, dtype=torch.long)
+    for i, s in enumerate(steps):
+        tokens[i, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
+    n_valid = torch.tensor([len(s.tokens) for s in steps], device=device)
+    flags = [torch.tensor([getattr(s, f) for s in steps], device=device)
+             for f in ("bidirectional", "write", "adapter")]
+    hidden = model(tokens.to(device), cache, n_valid, *flags)
+    return hidden, n_valid.cpu()
+
+
+def _drop_finished(live: list[Sequence], cache, start: float) -> list[Sequence]:
+    keep = [i for i, s in enumerate(live) if not s.finished]
+    now = time.perf_counter()
+    for s in live:
+        if s.finished and not s.metrics.latency_s:
+            s.metrics.latency_s = now - start
+            if s.verifies:
+                s.metrics.acceptance_length = _acceptance(s)
+    if len(keep) < len(live):
+        cache.select_rows(torch.tensor(keep, dtype=torch.long, device=cache.lengths.device))
+    return [live[i] for i in keep]
+
+
+def _acceptance(seq: Sequence) -> float:
+    """Tokens committed per verify, bonus included (the prefill's seed is not a verify)."""
+    return (seq.metrics.generated_tokens - 1) / seq.verifies

@@ -1,0 +1,81 @@
+"""Per-request decoding state shared by all strategies, and the Step a strategy asks for.
+
+A Sequence owns what is final: the committed tokens, the finish reason and the metrics.
+``commit`` is the only way tokens become output, and it enforces the stop rules exactly:
+nothing after the first stop token, never more than ``max_tokens``, never the mask id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..outputs import ForwardTrace, RequestMetrics
+from ..params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward's worth of input for one request.
+
+    tokens: the query tokens. kind: trace label. bidirectional: block-bidirectional over
+    cache + tokens (else causal). write: commit the tokens' KV. adapter: draft adapter on.
+    """
+
+    tokens: list[int]
+    kind: str
+    bidirectional: bool = False
+    write: bool = True
+    adapter: bool = False
+
+
+class Sequence:
+    """One request being decoded."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
+                 mask_token_id: int | None, block_length: int):
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.stop_ids = stop_ids
+        self.mask_token_id = mask_token_id
+        self.block_length = block_length
+        self.generator = torch.Generator().manual_seed(
+            params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        self.metrics = RequestMetrics(trace=[] if params.trace else None)
+        self.rollback = 0  # cache slots the loop must drop after this step (spec 5.1 crop)
+        self.verifies = 0
+        self.strategy = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.generated)
+
+    def commit(self, tokens: list[int]) -> int:
+        """Append ``tokens`` in order until a stop token or ``max_tokens``; return how many
+        were consumed (a stop token counts as generated but is not returned)."""
+        used = 0
+        for tok in tokens:
+            if self.finished:
+                break
+            if tok == self.mask_token_id:
+                raise RuntimeError("internal error: mask token reached commit")
+            used += 1
+            self.metrics.generated_tokens += 1
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                break
+            self.generated.append(tok)
+            if len(self.generated) >= self.params.max_tokens:
+                self.finish_reason = "length"
+        return used
+
+    def record(self, kind: str, positions: list[int], tokens: list[int]) -> None:
+        if self.metrics.trace is not None:
+            self.metrics.trace.append(ForwardTrace(kind, tuple(positions), tuple(tokens)))

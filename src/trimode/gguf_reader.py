@@ -1,0 +1,102 @@
+"""GGUF checkpoints through the ``gguf`` package: config from metadata, tensors dequantized.
+
+Reads llama.cpp's ``llama`` architecture (Llama, Mistral and converted Ministral-style models).
+llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` for its RoPE kernel; the
+permutation is undone here so the weights match the Hugging Face layout. Quantized tensors
+(Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantized to fp32 with ``gguf.quants``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import CheckpointError, ModelConfig, RopeConfig
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+TOP_NAMES = {"token_embd": "encoder.embed_tokens", "output_norm": "encoder.norm",
+             "output": "diffusion_head"}
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_config(reader, source: str) -> ModelConfig:
+    """Build a ModelConfig from GGUF metadata; unknown architectures raise CheckpointError."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"{source}: unknown GGUF architecture {arch!r}; "
+                              f"supported: {SUPPORTED_ARCHITECTURES}")
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_hidden_layers=int(_field(reader, f"{arch}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in names,
+        rope=RopeConfig(theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0))),
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=() if eos is None else (int(eos),),
+        layout="nld",
+        model_type="nemotron_labs_diffusion",
+    )
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Invert llama.cpp's ``permute`` of q/k rows (``[out, in]`` -> HF rotate-half order)."""
+    out = w.shape[0]
+    return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def trimode_name(gguf_name: str, source: str) -> str:
+    stem, _, kind = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in LAYER_NAMES:
+        return f"encoder.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{kind}"
+    if stem in TOP_NAMES:
+        return f"{TOP_NAMES[stem]}.{kind}"
+    raise CheckpointError(f"{source}: unexpected tensor {gguf_name!r}")
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and fp32 tensors (trimode names) of a GGUF file."""
+    import gguf
+    from gguf import quants
+
+    source = str(path)
+    try:
+        reader = gguf.GGUFReader(source)
+    except Exception as exc:
+        raise CheckpointError(f"{source}: not a readable GGUF file ({exc})") from None
+    config = gguf_config(reader, source)
+    tensors = {}
+    for t in reader.tensors:
+        name = trimode_name(t.name, source)
+        array = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
+        if ".q_proj." in name:
+            array = _unpermute(array, config.num_attention_heads)
+        elif ".k_proj." in name:
+            array = _unpermute(array, config.num_key_value_heads)
+        tensors[name] = torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
+    return config, tensors

@@ -1,0 +1,75 @@
+"""Per-request decoding settings, validated at construction.
+
+Every knob is per request (mode, block_length, threshold, temperature, ...). Invalid values
+raise ValueError naming the field and its allowed range, NaN included (B25).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MODES = ("ar", "diffusion", "linear_spec")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded.
+
+    mode: ``"ar"`` (causal, one token per forward), ``"diffusion"`` (block diffusion, spec 3)
+        or ``"linear_spec"`` (self-speculation, spec 5.1).
+    max_tokens: generated-token limit, >= 1. Never exceeded in any mode.
+    temperature: >= 0; 0 is greedy. top_k: 0 (off) or >= 1. top_p: in (0, 1].
+    seed: makes sampling reproducible (same seed, same output, whatever the batch).
+    stop_token_ids: extra ids that end the request like EOS (not returned).
+    block_length: diffusion block / draft window, >= 1; None means the checkpoint's
+        ``block_size``.
+    threshold: in [0, 1]; diffusion unmasks every masked slot whose confidence reaches it
+        (at least one per pass); None gives the even schedule (spec 3.3). For linear_spec
+        the draft threshold: 0 drafts in one pass (the reference default).
+    trace: record a per-forward trace in ``RequestOutput.metrics.trace``.
+    """
+
+    mode: str = "ar"
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    block_length: int | None = None
+    threshold: float | None = None
+    trace: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        _check_int("max_tokens", self.max_tokens, low=1)
+        _check_real("temperature", self.temperature, "must be >= 0", lambda v: v >= 0)
+        _check_int("top_k", self.top_k, low=0)
+        _check_real("top_p", self.top_p, "must be in (0, 1]", lambda v: 0 < v <= 1)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0)
+        if self.block_length is not None:
+            _check_int("block_length", self.block_length, low=1)
+        if self.threshold is not None:
+            _check_real("threshold", self.threshold, "must be in [0, 1] or None",
+                        lambda v: 0 <= v <= 1)
+        ids = tuple(self.stop_token_ids)
+        for i in ids:
+            _check_int("stop_token_ids", i, low=0)
+        object.__setattr__(self, "stop_token_ids", ids)
+        if self.mode == "linear_spec" and self.threshold is None:
+            object.__setattr__(self, "threshold", 0.0)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+
+
+def _check_real(name: str, value: object, rule: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} {rule}; got {value!r}")
+    if math.isnan(value) or math.isinf(value) or not ok(value):
+        raise ValueError(f"{name} {rule}; got {value}")
