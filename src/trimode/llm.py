@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from typing import Callable
 from typing import Sequence as Seq
 
 import torch
@@ -57,25 +58,30 @@ class LLM:
         self.max_batch_size = max_batch_size
 
     def generate(self, prompts: Prompt | Seq[Prompt],
-                 params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+                 params: SamplingParams | Seq[SamplingParams] | None = None,
+                 on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
         """Decode raw prompts (strings, or token-id lists) -> one RequestOutput each, in order.
 
         ``params``: one SamplingParams for all prompts or one per prompt.
+        ``on_step(index, seq)``: called after every forward request ``index`` took part in;
+        ``seq.generated`` holds its committed tokens and ``seq.strategy.block`` (diffusion,
+        linear_spec) the block being denoised or drafted, masks included.
         Raises ValueError for empty prompts, ids outside the vocabulary or equal to the mask
         id, a params list of the wrong length, or a mode the checkpoint cannot run.
         """
         batch = [prompts] if _is_single(prompts) else list(prompts)
         ids = [self._prompt_ids(p) for p in batch]
         texts = [p if isinstance(p, str) else None for p in batch]
-        return self._run(ids, texts, params)
+        return self._run(ids, texts, params, on_step)
 
     def chat(self, conversations: list[dict] | Seq[list[dict]],
-             params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+             params: SamplingParams | Seq[SamplingParams] | None = None,
+             on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
         """Apply the checkpoint's chat template to each conversation and decode."""
         batch = [conversations] if conversations and isinstance(conversations[0], dict) \
             else list(conversations)
         ids = [self.tokenizer.apply_chat_template(list(c)) for c in batch]
-        return self._run(ids, [None] * len(ids), params)
+        return self._run(ids, [None] * len(ids), params, on_step)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -85,15 +91,18 @@ class LLM:
         return self.tokenizer.check_ids(list(prompt), self.config.vocab_size)
 
     def _run(self, ids: list[list[int]], texts: list[str | None],
-             params: SamplingParams | Seq[SamplingParams] | None) -> list[RequestOutput]:
+             params: SamplingParams | Seq[SamplingParams] | None,
+             on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
         per = _per_prompt(params, len(ids))
         seqs = [self._sequence(i, p) for i, p in zip(ids, per)]
+        index = {id(s): k for k, s in enumerate(seqs)}
+        hook = (lambda seq: on_step(index[id(seq)], seq)) if on_step else None
         groups: dict[tuple, list[Sequence]] = defaultdict(list)
         for s in seqs:
             groups[(s.params.mode, s.block_length)].append(s)
         for group in groups.values():
             for k in range(0, len(group), self.max_batch_size):
-                decode(self.model, group[k : k + self.max_batch_size])
+                decode(self.model, group[k : k + self.max_batch_size], hook)
         return [RequestOutput(t, s.prompt_ids, self.tokenizer.decode(s.generated), s.generated,
                               s.finish_reason, s.metrics) for t, s in zip(texts, seqs)]
 

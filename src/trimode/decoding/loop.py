@@ -9,6 +9,7 @@ leave the batch at once. Knows nothing about modes beyond the Step interface.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -17,8 +18,12 @@ from .sequence import Sequence, Step
 from .strategies import STRATEGIES
 
 
-def decode(model: TriModeModel, seqs: list[Sequence]) -> None:
-    """Decode ``seqs`` to completion in place (tokens, finish reasons, metrics)."""
+def decode(model: TriModeModel, seqs: list[Sequence],
+           on_step: Callable[[Sequence], None] | None = None) -> None:
+    """Decode ``seqs`` to completion in place (tokens, finish reasons, metrics).
+
+    ``on_step(seq)`` is called after every forward a request took part in (live views).
+    """
     if not seqs:
         return
     start = time.perf_counter()
@@ -33,6 +38,8 @@ def decode(model: TriModeModel, seqs: list[Sequence]) -> None:
         seq.strategy = STRATEGIES[seq.params.mode]()
         seq.metrics.nfe += 1
         seq.strategy.start(seq, logits[i : i + 1])
+        if on_step:
+            on_step(seq)
     live = _drop_finished(live, cache, start)
     while live:
         steps = [s.strategy.next_step(s) for s in live]
@@ -41,6 +48,8 @@ def decode(model: TriModeModel, seqs: list[Sequence]) -> None:
         for i, (seq, step) in enumerate(zip(live, steps)):
             seq.metrics.nfe += 1
             seq.strategy.update(seq, logits[i, : len(step.tokens)])
+            if on_step:
+                on_step(seq)
         rollback = torch.tensor([s.rollback for s in live], device=cache.lengths.device)
         if bool(rollback.any()):
             cache.crop(cache.lengths - rollback)
