@@ -47,6 +47,7 @@ class ForwardBatch:
     """What one forward needs besides token ids; built once and shared by all layers.
 
     ``positions`` ``[B, T]``: absolute position of each query (row length + offset).
+    ``write_index``: (row, slot) pairs where this call's keys/values are stored.
     ``mask`` ``[B, 1, T, S]`` bool: which of the first ``S`` cache slots each query may see.
     ``adapter_rows`` ``[B, 1, 1]`` float or None: 1.0 where the draft adapter is on.
     """
@@ -59,26 +60,38 @@ class ForwardBatch:
 
 
 def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: torch.Tensor,
-                        tokens: int, adapter_rows: torch.Tensor | None = None) -> ForwardBatch:
+                        tokens: int, adapter_rows: torch.Tensor | None = None,
+                        attention: torch.Tensor | None = None,
+                        offsets: torch.Tensor | None = None) -> ForwardBatch:
     """Positions, write slots and attention mask for a call of ``tokens`` query slots per row.
 
-    Row b has ``n_valid[b]`` real queries (right-padded to ``tokens``). Query t may see:
-    the row's cached prefix; its own slot; and the row's real new keys, all of them when
-    ``bidirectional[b]`` (denoise/draft: spec 2.2) or those at offset <= t when causal.
+    Row b has ``n_valid[b]`` real queries (right-padded to ``tokens``), written to cache slots
+    ``length .. length + tokens - 1``. Query t may see: the row's cached prefix; its own slot;
+    and the row's real new keys u: all of them when ``bidirectional[b]`` (denoise/draft:
+    spec 2.2), those with u <= t when causal, or exactly ``attention[b, t, u]`` when an
+    explicit ``[B, T, T]`` bool pattern is given (fused layouts). ``offsets`` ``[B, T]``
+    sets each query's position relative to the row length (default ``0 .. T-1``).
     Raises ValueError when a row would outgrow the cache capacity.
     """
     lengths = cache.lengths
     if int((lengths + tokens).max()) > cache.capacity:
         raise ValueError(f"KV cache capacity {cache.capacity} exceeded")
     device = lengths.device
-    offsets = torch.arange(tokens, device=device)
-    positions = lengths[:, None] + offsets[None, :]
+    slots = torch.arange(tokens, device=device)
+    real = slots[None, :] < n_valid[:, None]  # [B, T]
+    if attention is None:
+        causal = slots[None, :, None] >= slots[None, None, :]  # [1, T(query), T(key)]
+        attention = bidirectional[:, None, None] | causal
+    visible_new = attention & real[:, None, :]
+    visible_new = visible_new | torch.eye(tokens, dtype=torch.bool, device=device)[None]
     span = int((lengths + tokens).max())
-    j = torch.arange(span, device=device)[None, None, :]
-    start = lengths[:, None, None]
-    query = positions[:, :, None]
-    new = (j >= start) & (j < start + n_valid[:, None, None])
-    visible_new = new & (bidirectional[:, None, None] | (j <= query))
-    mask = (j < start) | visible_new | (j == query)
+    j = torch.arange(span, device=device)
+    prefix = (j[None, :] < lengths[:, None])[:, None, :].expand(-1, tokens, -1)
+    rel = (j[None, :] - lengths[:, None]).clamp(0, tokens - 1)  # [B, S]
+    in_call = (j[None, :] >= lengths[:, None]) & (j[None, :] < lengths[:, None] + tokens)
+    new = torch.gather(visible_new, 2, rel[:, None, :].expand(-1, tokens, -1)) & in_call[:, None, :]
+    mask = prefix | new
+    write_slots = lengths[:, None] + slots[None, :]
+    positions = lengths[:, None] + (slots[None, :] if offsets is None else offsets)
     rows = torch.arange(lengths.shape[0], device=device)[:, None].expand(-1, tokens)
-    return ForwardBatch(cache, positions, mask[:, None], adapter_rows, (rows, positions))
+    return ForwardBatch(cache, positions, mask[:, None], adapter_rows, (rows, write_slots))

@@ -147,7 +147,8 @@ class TriModeModel(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,
                 bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
-                adapter: torch.Tensor | bool = False) -> torch.Tensor:
+                adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
+                offsets: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``tokens`` ``[B, T]`` after each row's cached prefix; return hidden ``[B, T, d]``.
 
         ``n_valid`` ``[B]``: real tokens per row (the rest is right padding; default all T).
@@ -155,7 +156,9 @@ class TriModeModel(nn.Module):
         of causal (prefill, AR step, commit, verify). ``write`` ``[B]`` or bool: advance the
         row's cache length by its real tokens; otherwise the cache keeps its length and the
         written slots are ignored by later calls. ``adapter`` ``[B]`` or bool: draft adapter on.
-        Positions continue from each row's cache length (spec 2.1).
+        Positions continue from each row's cache length (spec 2.1). ``attention`` ``[B, T, T]``
+        bool and ``offsets`` ``[B, T]`` override the pattern among this call's tokens and their
+        positions (fused layouts; see ``cache.build_forward_batch``).
         """
         b, t = tokens.shape
         device = tokens.device
@@ -164,7 +167,9 @@ class TriModeModel(nn.Module):
         write = _per_row(write, b, device)
         adapter = _per_row(adapter, b, device)
         adapter_rows = adapter.to(self.dtype)[:, None, None] if bool(adapter.any()) else None
-        batch = build_forward_batch(cache, n_valid, bidirectional, t, adapter_rows)
+        batch = build_forward_batch(cache, n_valid, bidirectional, t, adapter_rows,
+                                    None if attention is None else attention.to(device),
+                                    None if offsets is None else offsets.to(device))
         rope = self.rotary(batch.positions, self.dtype)
         h = self.encoder.embed_tokens(tokens)
         for layer in self.encoder.layers:
