@@ -159,6 +159,10 @@ def _rope_from_dict(raw: dict[str, Any], source: str) -> RopeConfig:
         raise CheckpointError(f"{source}: rope_type {rope_type!r} is not supported "
                               f"(supported: {SUPPORTED_ROPE_TYPES})")
     orig = params.get("original_max_position_embeddings")
+    if rope_type == "yarn":
+        # As transformers' standardize_rope_params: a top-level value wins, then the dict's,
+        # then max_position_embeddings (not rope.py's 4096 fallback).
+        orig = raw.get("original_max_position_embeddings") or orig or raw.get("max_position_embeddings")
     return RopeConfig(
         theta=float(theta),
         rope_type=rope_type,

@@ -40,7 +40,12 @@ def gguf_config(reader, source: str) -> ModelConfig:
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     names = {t.name for t in reader.tensors}
-    vocab = _field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = (_field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens") or ())
+             or (int(embd.shape[-1]) if embd is not None else None))
+    if not vocab:
+        raise CheckpointError(f"{source}: no vocab size (no {arch}.vocab_size, tokenizer.ggml.tokens "
+                              "or token_embd.weight)")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     return ModelConfig(
@@ -54,12 +59,36 @@ def gguf_config(reader, source: str) -> ModelConfig:
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
-        rope=RopeConfig(theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0))),
+        rope=_gguf_rope(reader, arch, source),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
         layout="nld",
         model_type="nemotron_labs_diffusion",
     )
+
+
+def _gguf_rope(reader, arch: str, source: str) -> RopeConfig:
+    """RoPE from ``{arch}.rope.*``: none, linear or plain YaRN, whose llama.cpp kernel multiplies
+    cos/sin by ``1 + 0.1 ln factor`` (transformers' default YaRN attention factor). YaRN variants
+    with extra attention-factor keys are refused rather than guessed."""
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0) or 1.0)
+    if kind == "none" or factor == 1.0 and kind in ("linear", "yarn"):
+        return RopeConfig(theta=theta)
+    if kind == "linear":
+        return RopeConfig(theta=theta, rope_type="linear", factor=factor)
+    extras = ("attn_factor", "yarn_attn_factor", "yarn_log_multiplier", "yarn_ext_factor")
+    if kind == "yarn" and all(_field(reader, f"{arch}.rope.scaling.{k}") is None for k in extras):
+        orig = _field(reader, f"{arch}.rope.scaling.original_context_length",
+                      _field(reader, f"{arch}.context_length"))
+        return RopeConfig(
+            theta=theta, rope_type="yarn", factor=factor,
+            original_max_position_embeddings=None if orig is None else int(orig),
+            beta_fast=float(_field(reader, f"{arch}.rope.scaling.yarn_beta_fast", 32.0)),
+            beta_slow=float(_field(reader, f"{arch}.rope.scaling.yarn_beta_slow", 1.0)))
+    raise CheckpointError(f"{source}: unsupported GGUF rope scaling {kind!r} for {arch!r} "
+                          "(only none, linear and plain yarn are read)")
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -60,7 +60,7 @@ def _from_hub(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id!r} is neither a local path nor a valid hub id") from None
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE"):
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
         raise CheckpointError(f"model {repo_id!r} is not a local path and is not in the local Hugging "
                               "Face cache (HF_HUB_OFFLINE is set)")
     try:
@@ -102,7 +102,11 @@ def read_safetensors(directory: Path) -> dict[str, tuple[torch.Tensor, str]]:
 
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(exc).__name__}: "
+                                  f"{exc})") from None
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (directory / s).exists()]
         if missing:
@@ -115,9 +119,13 @@ def read_safetensors(directory: Path) -> dict[str, tuple[torch.Tensor, str]]:
         weight_map, shards = {}, ["model.safetensors"]
     tensors: dict[str, tuple[torch.Tensor, str]] = {}
     for shard in shards:
-        with safe_open(str(directory / shard), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = (f.get_tensor(name), str(directory / shard))
+        try:
+            with safe_open(str(directory / shard), framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = (f.get_tensor(name), str(directory / shard))
+        except Exception as exc:  # truncated or corrupt file (e.g. an interrupted download)
+            raise CheckpointError(f"{directory / shard}: unreadable safetensors file "
+                                  f"({type(exc).__name__}: {exc})") from None
     for name, shard in weight_map.items():
         if name not in tensors:
             raise CheckpointError(f"{directory / shard}: tensor {name!r} is listed in the index "
@@ -159,7 +167,7 @@ def assign_weights(net: TriModeModel, tensors: dict[str, tuple[torch.Tensor, str
         found[key] = (tensor, source)
     missing = sorted(set(expected) - set(found))
     if missing:
-        where = next(iter(tensors.values()))[1] if tensors else "checkpoint"
+        where = ", ".join(sorted({s for _, s in tensors.values()})) or "checkpoint"
         raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     state = {k: t.to(dtype) for k, (t, _) in found.items()}
