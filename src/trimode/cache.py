@@ -49,7 +49,7 @@ class ForwardBatch:
     ``positions`` ``[B, T]``: absolute position of each query (row length + offset).
     ``write_index``: (row, slot) pairs where this call's keys/values are stored.
     ``mask`` ``[B, 1, T, S]`` bool: which of the first ``S`` cache slots each query may see.
-    ``adapter_rows`` ``[B, 1, 1]`` float or None: 1.0 where the draft adapter is on.
+    ``adapter_rows`` ``[B, T, 1]`` float or None: 1.0 where the draft adapter is on.
     """
 
     cache: KVCache

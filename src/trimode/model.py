@@ -35,7 +35,7 @@ class Linear(nn.Linear):
     """Bias-free linear layer with an optional low-rank delta applied to selected rows.
 
     The delta ``scale * (x A^T) B^T`` (a PEFT LoRA) is added only where
-    ``batch.adapter_rows`` is 1, so draft rows and verify rows can share one forward.
+    ``batch.adapter_rows`` (``[B, T, 1]``) is 1, so draft and verify tokens can share a forward.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -155,7 +155,8 @@ class TriModeModel(nn.Module):
         ``bidirectional`` ``[B]`` or bool: block-bidirectional attention (denoise, draft) instead
         of causal (prefill, AR step, commit, verify). ``write`` ``[B]`` or bool: advance the
         row's cache length by its real tokens; otherwise the cache keeps its length and the
-        written slots are ignored by later calls. ``adapter`` ``[B]`` or bool: draft adapter on.
+        written slots are ignored by later calls. ``adapter`` ``[B]``, ``[B, T]`` or bool:
+        draft adapter on (per row or per token).
         Positions continue from each row's cache length (spec 2.1). ``attention`` ``[B, T, T]``
         bool and ``offsets`` ``[B, T]`` override the pattern among this call's tokens and their
         positions (fused layouts; see ``cache.build_forward_batch``).
@@ -166,7 +167,9 @@ class TriModeModel(nn.Module):
         bidirectional = _per_row(bidirectional, b, device)
         write = _per_row(write, b, device)
         adapter = _per_row(adapter, b, device)
-        adapter_rows = adapter.to(self.dtype)[:, None, None] if bool(adapter.any()) else None
+        if adapter.dim() == 1:
+            adapter = adapter[:, None].expand(b, t)
+        adapter_rows = adapter.to(self.dtype)[:, :, None] if bool(adapter.any()) else None
         batch = build_forward_batch(cache, n_valid, bidirectional, t, adapter_rows,
                                     None if attention is None else attention.to(device),
                                     None if offsets is None else offsets.to(device))

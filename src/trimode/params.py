@@ -9,15 +9,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MODES = ("ar", "diffusion", "linear_spec")
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded.
 
-    mode: ``"ar"`` (causal, one token per forward), ``"diffusion"`` (block diffusion, spec 3)
-        or ``"linear_spec"`` (self-speculation, spec 5.1).
+    mode: ``"ar"`` (causal, one token per forward), ``"diffusion"`` (block diffusion, spec 3),
+        ``"linear_spec"`` (self-speculation, spec 5.1) or ``"quadratic_spec"`` (draft and
+        verify fused in one forward, spec 5.5; see ``decoding/quadratic.py``).
     max_tokens: generated-token limit, >= 1. Never exceeded in any mode.
     temperature: >= 0; 0 is greedy. top_k: 0 (off) or >= 1. top_p: in (0, 1].
     seed: makes sampling reproducible (same seed, same output, whatever the batch).
@@ -27,6 +28,9 @@ class SamplingParams:
     threshold: in [0, 1]; diffusion unmasks every masked slot whose confidence reaches it
         (at least one per pass); None gives the even schedule (spec 3.3). For linear_spec
         the draft threshold: 0 drafts in one pass (the reference default).
+    draft_segments: quadratic_spec only: None keeps a draft segment for every acceptance
+        outcome (block_length + block_length^2 tokens per forward); m >= 1 keeps the m
+        outcomes nearest the last acceptance (pruned layout).
     trace: record a per-forward trace in ``RequestOutput.metrics.trace``.
     """
 
@@ -39,6 +43,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     block_length: int | None = None
     threshold: float | None = None
+    draft_segments: int | None = None
     trace: bool = False
 
     def __post_init__(self) -> None:
@@ -55,11 +60,16 @@ class SamplingParams:
         if self.threshold is not None:
             _check_real("threshold", self.threshold, "must be in [0, 1] or None",
                         lambda v: 0 <= v <= 1)
+        if self.draft_segments is not None:
+            _check_int("draft_segments", self.draft_segments, low=1)
+        if self.mode == "quadratic_spec" and self.threshold not in (None, 0):
+            raise ValueError("threshold must be 0 or None for quadratic_spec (it drafts in one "
+                             f"pass); got {self.threshold}")
         ids = tuple(self.stop_token_ids)
         for i in ids:
             _check_int("stop_token_ids", i, low=0)
         object.__setattr__(self, "stop_token_ids", ids)
-        if self.mode == "linear_spec" and self.threshold is None:
+        if self.mode in ("linear_spec", "quadratic_spec") and self.threshold is None:
             object.__setattr__(self, "threshold", 0.0)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ..model import TriModeModel
 from .sequence import Sequence, Step
-from .strategies import STRATEGIES
+from .modes import STRATEGIES, scratch_slots
 
 
 def decode(model: TriModeModel, seqs: list[Sequence],
@@ -27,7 +27,8 @@ def decode(model: TriModeModel, seqs: list[Sequence],
     if not seqs:
         return
     start = time.perf_counter()
-    capacity = max(len(s.prompt_ids) + s.params.max_tokens + 2 * s.block_length for s in seqs)
+    capacity = max(len(s.prompt_ids) + s.params.max_tokens + scratch_slots(s.params.mode, s.block_length)
+                   for s in seqs)
     cache = model.new_cache(len(seqs), capacity)
     live = list(seqs)
     prompts = [Step(s.prompt_ids, "prefill") for s in seqs]
@@ -65,10 +66,34 @@ def _forward(model: TriModeModel, cache, steps: list[Step]) -> tuple[torch.Tenso
     for i, s in enumerate(steps):
         tokens[i, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
     n_valid = torch.tensor([len(s.tokens) for s in steps], device=device)
-    flags = [torch.tensor([getattr(s, f) for s in steps], device=device)
-             for f in ("bidirectional", "write", "adapter")]
-    hidden = model(tokens.to(device), cache, n_valid, *flags)
+    bidirectional, write = (torch.tensor([getattr(s, f) for s in steps], device=device)
+                            for f in ("bidirectional", "write"))
+    adapter = torch.zeros(len(steps), width, dtype=torch.bool)
+    for i, s in enumerate(steps):
+        adapter[i, : len(s.tokens)] = torch.tensor(s.adapter_tokens or [s.adapter] * len(s.tokens))
+    fused = {}
+    if any(s.attention is not None for s in steps):
+        fused = dict(zip(("attention", "offsets"), _fused_patterns(steps, width)))
+    hidden = model(tokens.to(device), cache, n_valid, bidirectional, write, adapter.to(device),
+                   **fused)
     return hidden, n_valid.cpu()
+
+
+def _fused_patterns(steps: list[Step], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``[B, T, T]`` patterns and ``[B, T]`` offsets when any row uses a fused layout."""
+    attention = torch.zeros(len(steps), width, width, dtype=torch.bool)
+    offsets = torch.arange(width).repeat(len(steps), 1)
+    for i, s in enumerate(steps):
+        n = len(s.tokens)
+        if s.attention is not None:
+            attention[i, :n, :n] = s.attention
+        elif s.bidirectional:
+            attention[i, :n, :n] = True
+        else:
+            attention[i, :n, :n] = torch.ones(n, n).tril().bool()
+        if s.offsets is not None:
+            offsets[i, :n] = torch.tensor(s.offsets)
+    return attention, offsets
 
 
 def _drop_finished(live: list[Sequence], cache, start: float) -> list[Sequence]:

@@ -7,7 +7,7 @@ nothing after the first stop token, never more than ``max_tokens``, never the ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +21,9 @@ class Step:
 
     tokens: the query tokens. kind: trace label. bidirectional: block-bidirectional over
     cache + tokens (else causal). write: commit the tokens' KV. adapter: draft adapter on.
+    Fused layouts also give attention ``[T, T]`` bool (query x key among these tokens),
+    offsets (each token's position relative to the cache length) and adapter_tokens
+    (a per-token adapter flag).
     """
 
     tokens: list[int]
@@ -28,6 +31,9 @@ class Step:
     bidirectional: bool = False
     write: bool = True
     adapter: bool = False
+    attention: torch.Tensor | None = field(default=None, compare=False)
+    offsets: list[int] | None = None
+    adapter_tokens: list[bool] | None = None
 
 
 class Sequence:

@@ -204,5 +204,3 @@ class LinearSpecStrategy:
         accepted.append(sample_from(target[len(drafts)], seq.generator))
         return accepted
 
-
-STRATEGIES = {"ar": ARStrategy, "diffusion": DiffusionStrategy, "linear_spec": LinearSpecStrategy}

@@ -1,0 +1,14 @@
+"""The registry of decoding modes: mode name -> strategy class."""
+
+from .quadratic import QuadraticSpecStrategy
+from .strategies import ARStrategy, DiffusionStrategy, LinearSpecStrategy
+
+STRATEGIES = {"ar": ARStrategy, "diffusion": DiffusionStrategy, "linear_spec": LinearSpecStrategy,
+              "quadratic_spec": QuadraticSpecStrategy}
+
+
+def scratch_slots(mode: str, block_length: int) -> int:
+    """Cache slots a request may write beyond its committed text in one forward."""
+    if mode == "quadratic_spec":
+        return block_length + block_length * block_length + 1
+    return 2 * block_length + 1
