@@ -537,3 +537,15 @@ def test_config_unknown_rope_type():
     raw["rope_parameters"]["rope_type"] = "dynamic"
     with pytest.raises(CheckpointError, match="dynamic"):
         ModelConfig.from_dict(raw)
+
+
+def test_sliding_window_caps_the_context_limit():
+    """Full attention equals sliding-window attention only inside the window."""
+    from trimode.config import ModelConfig
+
+    raw = dict(model_type="mistral", vocab_size=10, hidden_size=8, intermediate_size=8,
+               num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32768,
+               sliding_window=4096)
+    with pytest.warns(UserWarning, match="sliding_window=4096"):
+        assert ModelConfig.from_dict(raw).max_position_embeddings == 4096
+    assert ModelConfig.from_dict({**raw, "sliding_window": None}).max_position_embeddings == 32768

@@ -98,7 +98,7 @@ class ModelConfig:
                 num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
                 head_dim=int(raw.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+                max_position_embeddings=_context_limit(raw),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
                 rope=_rope_from_dict(raw, source),
                 mask_token_id=_optional_int(raw.get("mask_token_id")),
@@ -136,6 +136,20 @@ def _replace(config: ModelConfig, **changes: Any) -> ModelConfig:
     from dataclasses import replace
 
     return replace(config, **changes)
+
+
+def _context_limit(raw: dict[str, Any]) -> int:
+    """max_position_embeddings, capped at a sliding window: trimode attends to the full
+    context, so it only serves lengths where full and sliding-window attention agree."""
+    limit = int(raw.get("max_position_embeddings", 4096))
+    window = raw.get("sliding_window")
+    if window and int(window) < limit and raw.get("use_sliding_window", True):
+        import warnings
+
+        warnings.warn(f"sliding_window={window}: context limited to {window} tokens, where full "
+                      "attention equals sliding-window attention", stacklevel=3)
+        limit = int(window)
+    return limit
 
 
 def _optional_int(value: Any) -> int | None:
