@@ -1,0 +1,363 @@
+"""The ``trimode`` command line: ``trimode generate PROMPT`` and ``trimode chat``.
+
+Parses flags into a validated SamplingParams before any model is loaded, so a bad flag
+fails in well under a second with one line ``error: ...`` (exit 2), never a traceback
+(B25). stdout carries only the answer (or one JSON object per answer with ``--json``);
+loading, the metrics summary and the ``--visual`` live view go to stderr, or the live view
+to a terminal stdout, where it is cleared before the answer is printed. Knows nothing about
+decoding beyond ``LLM`` and the ``on_step`` hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from contextlib import redirect_stdout
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from .params import MODES, SamplingParams
+
+DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
+MASK_GLYPH = "░"
+DEFAULT = object()  # --threshold not given: the mode's own default
+FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
+         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
+         "block_length": "--block-length", "threshold": "--threshold"}
+
+
+EXAMPLES = """flags: trimode generate --help, trimode chat --help
+
+examples:
+  trimode generate "What is the capital of France?"
+  trimode generate --mode linear_spec --json --max-tokens 64 "Write a haiku."
+  trimode generate --mode diffusion --block-length 32 --threshold 0.9 --visual "Count to 20."
+  echo "Hi" | trimode chat --mode linear_spec
+
+exit codes: 0 ok, 2 bad flag/input/checkpoint (one line on stderr), 130 interrupted
+"""
+
+
+class UsageError(ValueError):
+    """A flag or input problem found by the CLI itself."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def threshold_arg(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none'; got {text!r}")
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    m = common.add_argument_group("model")
+    m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
+                   "hub id (default: the embedded SmolLM2-135M-Instruct, converted on first use)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--draft-adapter", metavar="PATH", default=None,
+                   help="PEFT LoRA directory used for linear_spec draft passes only")
+    d = common.add_argument_group("decoding")
+    d.add_argument("--mode", choices=MODES, default="ar",
+                   help="ar: one token per forward; diffusion: block diffusion; linear_spec: "
+                   "self-speculation (draft a block bidirectionally, verify causally) "
+                   "(default: ar)")
+    d.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                   help="generated-token limit, integer >= 1 (default: 256)")
+    d.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help=">= 0; 0 is greedy (default: 0)")
+    d.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling, in (0, 1]; 1 is off (default: 1)")
+    d.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="integer >= 0; 0 is off (default: 0)")
+    d.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="integer >= 0; makes sampling reproducible (default: random)")
+    d.add_argument("--block-length", type=int, default=None, metavar="N",
+                   help="diffusion block / linear_spec draft window, integer >= 1 "
+                   "(default: the checkpoint's block_size)")
+    d.add_argument("--threshold", type=threshold_arg, default=DEFAULT, metavar="X|none",
+                   help="in [0, 1]. diffusion: unmask every slot whose confidence reaches X "
+                   f"(at least one per pass; default {DIFFUSION_THRESHOLD}), 'none' for the even "
+                   "schedule; linear_spec: draft confidence threshold (default 0: draft the "
+                   "whole block in one pass); ignored by ar")
+    o = common.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON object per answer: "
+                   "text, token_ids, finish_reason, mode, metrics")
+    o.add_argument("--visual", action="store_true", help="live view of the block being denoised "
+                   f"or drafted (masks shown as {MASK_GLYPH})")
+    parser = Parser(prog="trimode", description="Generate with a tri-mode diffusion LM "
+                    "in ar, diffusion or linear_spec mode.", epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
+    gen = sub.add_parser("generate", parents=[common], help="answer one prompt",
+                         description="Answer one prompt and print the text (stdout); a metrics "
+                         "summary goes to stderr.")
+    gen.add_argument("--raw", action="store_true",
+                     help="send PROMPT as is, without the chat template")
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
+    sub.add_parser("chat", parents=[common], help="interactive multi-turn chat",
+                   description="Multi-turn chat reading one user turn per stdin line. "
+                   "/reset clears the history, /exit or end of input quits. Exits 2 if a "
+                   "turn failed.")
+    return parser
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    threshold = args.threshold
+    if threshold is DEFAULT:
+        threshold = DIFFUSION_THRESHOLD if args.mode == "diffusion" else None
+    try:
+        return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, block_length=args.block_length, threshold=threshold)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise UsageError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(exc)) from None
+
+
+def load(args: argparse.Namespace, stderr: Console):
+    """The LLM, with anything a library prints kept off stdout."""
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: CUDA is not available in this torch build/machine")
+    from . import LLM, CheckpointError
+
+    with redirect_stdout(sys.stderr):
+        model = args.model
+        if model is None:
+            from .embedded import default_model_dir
+
+            model = default_model_dir(progress=stderr.is_terminal)
+        try:
+            with stderr.status(f"Loading {model}"):
+                return LLM(model, dtype=args.dtype, device=args.device,
+                           draft_adapter=args.draft_adapter, progress=False)
+        except CheckpointError as exc:
+            raise UsageError(f"{_culprit(exc)}: {exc}") from None
+
+
+def _culprit(exc: BaseException) -> str:
+    """The flag whose file failed: the draft adapter loads after the model (adapter.py)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.sep + "adapter.py"):
+            return "--draft-adapter"
+        tb = tb.tb_next
+    return "--model"
+
+
+class LiveView:
+    """``on_step`` callback drawing committed text, then the current block: masks as
+    ``░``, unmasked or drafted tokens in cyan (special tokens by name, dim), tokens committed
+    by the last forward in green."""
+
+    def __init__(self, llm, console: Console):
+        self.decode = llm.tokenizer.decode
+        self.hf = llm.tokenizer.hf
+        self.console = console
+        self.live = Live(console=console, transient=True, auto_refresh=False)
+        self.seen = 0
+
+    def __enter__(self):
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.live.stop()
+
+    def __call__(self, index: int, seq) -> None:
+        self.live.update(self.render(seq), refresh=True)
+
+    def render(self, seq) -> Group:
+        strategy, generated = seq.strategy, seq.generated
+        fresh = max(0, min(self.seen, len(generated)))
+        self.seen = len(generated)
+        block = self.pending(seq)
+        phase = "done" if seq.finished else getattr(strategy, "phase", "decode")
+        header = Text(f"{seq.params.mode} · {phase} · nfe {seq.metrics.nfe} · "
+                      f"{len(generated)} tokens committed", style="dim")
+        old, new = self.decode(generated[:fresh]), self.decode(generated)
+        body = Text(self.tail(old if new.startswith(old) else new), style="default")
+        if new.startswith(old):
+            body.append(new[len(old):], style="bold green")
+        prev = generated[-1] if generated else None
+        for tok in block:
+            if tok == seq.mask_token_id:
+                body.append(MASK_GLYPH, style="dim")
+                continue
+            piece = self.piece(prev, tok)  # "" for special tokens: show their name
+            body.append(piece or self.name(tok), style="cyan" if piece else "dim cyan")
+            prev = tok
+        return Group(header, body)
+
+    @staticmethod
+    def pending(seq) -> list[int]:
+        """Block tokens not yet committed (diffusion's block[0] is its uncommitted seed;
+        linear_spec's block[0] is already committed)."""
+        strategy = seq.strategy
+        block = list(getattr(strategy, "block", None) or [])
+        if seq.finished or not block:
+            return []
+        if seq.params.mode == "diffusion":
+            return [] if strategy.phase == "commit" else block[: getattr(strategy, "limit", None)]
+        return block[1:]
+
+    def piece(self, prev: int | None, tok: int) -> str:
+        """Text of ``tok`` after ``prev`` (keeps the leading space SentencePiece drops alone)."""
+        if prev is None:
+            return self.decode([tok])
+        left, both = self.decode([prev]), self.decode([prev, tok])
+        return both[len(left):] if both.startswith(left) else self.decode([tok])
+
+    def name(self, tok: int) -> str:
+        return str(self.hf.convert_ids_to_tokens(tok) or f"<{tok}>")
+
+    def tail(self, text: str) -> str:
+        width, height = self.console.size
+        room = max(width * max(height - 4, 1), 80)
+        return text if len(text) <= room else "…" + text[-room:]
+
+
+def summary(out, mode: str) -> str:
+    m = out.metrics
+    acc = f"{m.acceptance_length:.2f}" if m.acceptance_length is not None else "–"
+    return (f"{mode} · {len(out.token_ids)} tokens ({out.finish_reason}) · nfe {m.nfe} · "
+            f"{m.tokens_per_forward:.2f} tokens/forward · acceptance_length {acc} · "
+            f"latency {m.latency_s:.2f} s")
+
+
+def run_one(llm, prompt, params: SamplingParams, args, stderr: Console, raw: bool = False):
+    """Decode one prompt (a string with ``raw``, else a conversation), print the answer."""
+    call = llm.generate if raw else llm.chat
+    if args.visual:
+        console = Console() if sys.stdout.isatty() else stderr
+        with LiveView(llm, console) as view:
+            out = call(prompt, params, on_step=view)[0]
+    else:
+        out = call(prompt, params)[0]
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason, "mode": params.mode,
+                          "metrics": out.metrics.to_dict()}, ensure_ascii=False), flush=True)
+    else:
+        print(out.text, flush=True)
+        stderr.print(Text(summary(out, params.mode), style="dim"), soft_wrap=True)
+    return out
+
+
+def read_turn(interactive: bool) -> str:
+    """One stdin line; the "> " prompt only for a person at a terminal (on stderr when
+    stdout is redirected, so stdout keeps only answers)."""
+    if interactive and sys.stdout.isatty():
+        return input("> ")
+    if interactive:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+def chat_loop(llm, params: SamplingParams, args, stderr: Console) -> int:
+    if not llm.tokenizer.has_chat_template:
+        raise UsageError("this checkpoint has no chat template; use 'trimode generate --raw'")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing for input())
+        except ImportError:
+            pass
+    history: list[dict] = []
+    failed = False
+    while True:
+        try:
+            line = read_turn(interactive).strip()
+        except EOFError:
+            if interactive:
+                sys.stderr.write("\n")
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history.clear()
+            stderr.print(Text("(history cleared)", style="dim"))
+            continue
+        if not line:
+            continue
+        turn = history + [{"role": "user", "content": line}]
+        try:
+            out = run_one(llm, turn, params, args, stderr)
+        except ValueError as exc:  # e.g. the context limit: report, keep the session
+            stderr.print(Text(f"error: {one_line(exc)}"))
+            failed = True
+            continue
+        history = turn + [{"role": "assistant", "content": out.text}]
+    return 2 if failed else 0
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n")).strip() or type(exc).__name__
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    params = sampling_params(args)
+    stderr = Console(stderr=True, highlight=False)
+    prompt = None
+    if args.command == "generate":
+        prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
+        if not prompt.strip():
+            raise UsageError("PROMPT must not be empty")
+    llm = load(args, stderr)
+    if args.command == "chat":
+        return chat_loop(llm, params, args, stderr)
+    if not args.raw:
+        if not llm.tokenizer.has_chat_template:
+            raise UsageError("this checkpoint has no chat template; add --raw")
+        prompt = [{"role": "user", "content": prompt}]
+    run_one(llm, prompt, params, args, stderr, raw=args.raw)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: exit 0 on success, 2 on a usage, input or checkpoint error (one line on
+    stderr), 130 on Ctrl-C, 1 on an unexpected failure (set TRIMODE_DEBUG=1 for the traceback)."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        code = 130
+    except BrokenPipeError:  # e.g. `| head`: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    except (ValueError, OSError, ImportError) as exc:  # CheckpointError is a ValueError
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        code = 2
+    except Exception as exc:
+        if os.environ.get("TRIMODE_DEBUG"):
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {one_line(exc)} "
+              "(set TRIMODE_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
