@@ -58,7 +58,8 @@ def ref_quadratic(oracle, prompt, max_tokens, block_length):
         context = prompt + out[:-1]
         verify = [seed] + drafts[: max(0, min(block_length, max_tokens - len(out)) - 1)]
         segments = list(range(len(verify))) if max_tokens - len(out) > len(verify) else []
-        r = roles(len(verify), block_length, segments)
+        width = min(block_length, max_tokens - len(out))  # segments shrink near the limit
+        r = roles(len(verify), width, segments)
         n, p = len(context), len(context) + len(r)
         mask = torch.zeros(p, p, dtype=torch.bool)
         mask[:, :n] = torch.ones(p, n).bool()

@@ -27,7 +27,8 @@ def decode(model: TriModeModel, seqs: list[Sequence],
     if not seqs:
         return
     start = time.perf_counter()
-    capacity = max(len(s.prompt_ids) + s.params.max_tokens + scratch_slots(s.params.mode, s.block_length)
+    capacity = max(len(s.prompt_ids) + s.params.max_tokens + scratch_slots(s.params.mode, s.block_length,
+                                                                    s.params.max_tokens)
                    for s in seqs)
     cache = model.new_cache(len(seqs), capacity)
     live = list(seqs)

@@ -78,6 +78,7 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
         self.block = [seed] + drafts[: length - 1]
         self.draft_log_probs = {i: lp for i, lp in draft_log_probs.items() if i < length}
         self.segments = self._segments(len(self.block), seq)
+        self.width = min(seq.block_length, seq.remaining)  # draft segment length
         self.phase = "fused"
 
     def _segments(self, verify_length: int, seq: Sequence) -> list[int]:
@@ -91,8 +92,8 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
         return sorted(ranked[:m])
 
     def next_step(self, seq: Sequence) -> Step:
-        attention, offsets = quadratic_layout(len(self.block), seq.block_length, self.segments)
-        masks = [seq.mask_token_id] * (seq.block_length * len(self.segments))
+        attention, offsets = quadratic_layout(len(self.block), self.width, self.segments)
+        masks = [seq.mask_token_id] * (self.width * len(self.segments))
         adapter = [False] * len(self.block) + [True] * len(masks)
         return Step(self.block + masks, "fused", attention=attention, offsets=offsets,
                     adapter_tokens=adapter)
@@ -107,7 +108,7 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
         seq.verifies += 1
         c = len(accepted) - 1
         self.last_accepted = c
-        seq.rollback = len(self.block) + len(self.segments) * seq.block_length - (c + 1)
+        seq.rollback = len(self.block) + len(self.segments) * self.width - (c + 1)
         if seq.finished:
             return
         drafts, log_probs = self._drafts_for(seq, logits, verify_length, c)
@@ -127,8 +128,8 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
                     c: int) -> tuple[list[int], dict]:
         if c not in self.segments:
             return [], {}
-        start = verify_length + self.segments.index(c) * seq.block_length
-        segment = logits[start + 1 : start + seq.block_length]
+        start = verify_length + self.segments.index(c) * self.width
+        segment = logits[start + 1 : start + self.width]
         drafts = pick(segment, seq.params, seq.mask_token_id, seq.generator).tolist()
         base = len(seq.generated)
         seq.record("draft", list(range(base, base + len(drafts))), drafts)
