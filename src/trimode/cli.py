@@ -27,7 +27,8 @@ MASK_GLYPH = "░"
 DEFAULT = object()  # --threshold not given: the mode's own default
 FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
          "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
-         "block_length": "--block-length", "threshold": "--threshold"}
+         "block_length": "--block-length", "threshold": "--threshold",
+         "draft_segments": "--draft-segments"}
 
 
 EXAMPLES = """flags: trimode generate --help, trimode chat --help
@@ -70,11 +71,13 @@ def build_parser() -> Parser:
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
-                   help="PEFT LoRA directory used for linear_spec draft passes only")
+                   help="PEFT LoRA directory used for linear_spec / quadratic_spec draft passes "
+                   "only")
     d = common.add_argument_group("decoding")
     d.add_argument("--mode", choices=MODES, default="ar",
                    help="ar: one token per forward; diffusion: block diffusion; linear_spec: "
-                   "self-speculation (draft a block bidirectionally, verify causally) "
+                   "self-speculation (draft a block bidirectionally, verify causally); "
+                   "quadratic_spec: the same with draft and verify fused in one forward "
                    "(default: ar)")
     d.add_argument("--max-tokens", type=int, default=256, metavar="N",
                    help="generated-token limit, integer >= 1 (default: 256)")
@@ -94,13 +97,17 @@ def build_parser() -> Parser:
                    f"(at least one per pass; default {DIFFUSION_THRESHOLD}), 'none' for the even "
                    "schedule; linear_spec: draft confidence threshold (default 0: draft the "
                    "whole block in one pass); ignored by ar")
+    d.add_argument("--draft-segments", type=int, default=None, metavar="M",
+                   help="quadratic_spec: keep draft segments for only the M acceptance outcomes "
+                   "nearest the last one, integer >= 1 (default: all, block_length^2 extra "
+                   "tokens per forward)")
     o = common.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object per answer: "
                    "text, token_ids, finish_reason, mode, metrics")
     o.add_argument("--visual", action="store_true", help="live view of the block being denoised "
                    f"or drafted (masks shown as {MASK_GLYPH})")
     parser = Parser(prog="trimode", description="Generate with a tri-mode diffusion LM "
-                    "in ar, diffusion or linear_spec mode.", epilog=EXAMPLES,
+                    "in ar, diffusion, linear_spec or quadratic_spec mode.", epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt",
@@ -123,7 +130,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     try:
         return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, block_length=args.block_length, threshold=threshold)
+                              seed=args.seed, block_length=args.block_length, threshold=threshold,
+                              draft_segments=args.draft_segments)
     except ValueError as exc:
         field, _, rest = str(exc).partition(" ")
         raise UsageError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(exc)) from None
