@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from conftest import EOS, MASK
+from conftest import MASK
 from trimode import LLM, CheckpointError, SamplingParams
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import candidate_logits, confidence, pick, sample_from, target_log_probs
+from ..sampling import confidence, pick, sample_from, target_log_probs
 from .sequence import Sequence, Step
 
 
