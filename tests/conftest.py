@@ -97,6 +97,16 @@ def write_checkpoint(directory: Path, oracle, block_size: int = 8) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """Tiny models run fastest on one thread (2 threads only add synchronisation, and stall
+    when another process holds a core); the real model gets both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if "embedded_llm" in request.fixturenames else 1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """(checkpoint dir, oracle) for seed 0; shared read-only by many tests."""
