@@ -36,7 +36,7 @@ def configs(block_length: int) -> tuple[list[tuple[str, dict]], type]:
         ("ar", dict(mode="ar")),
         ("diffusion t=0.9", dict(mode="diffusion", block_length=b, threshold=0.9)),
         ("linear_spec", dict(mode="linear_spec", block_length=b)),
-        ("quadratic_spec full", dict(mode="quadratic_spec", block_length=b)),
+        ("quadratic_spec full", dict(mode="quadratic_spec", block_length=b, draft_segments=None)),
         ("quadratic_spec 2 segments", dict(mode="quadratic_spec", block_length=b, draft_segments=2)),
         ("quadratic_spec 1 segment", dict(mode="quadratic_spec", block_length=b, draft_segments=1)),
     ], P

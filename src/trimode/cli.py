@@ -60,6 +60,15 @@ def threshold_arg(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none'; got {text!r}")
 
 
+def segments_arg(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all'; got {text!r}") from None
+
+
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     m = common.add_argument_group("model")
@@ -96,10 +105,10 @@ def build_parser() -> Parser:
                    f"(at least one per pass; default {DIFFUSION_THRESHOLD}), 'none' for the even "
                    "schedule; linear_spec: draft confidence threshold (default 0: draft the "
                    "whole block in one pass); ignored by ar")
-    d.add_argument("--draft-segments", type=int, default=None, metavar="M",
+    d.add_argument("--draft-segments", type=segments_arg, default=1, metavar="M|all",
                    help="quadratic_spec: keep draft segments for only the M acceptance outcomes "
-                   "nearest the last one, integer >= 1 (default: all, block_length^2 extra "
-                   "tokens per forward)")
+                   "nearest the last one, integer >= 1, or 'all' for the full layout "
+                   "(block_length^2 extra tokens per forward) (default: 1)")
     o = common.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object per answer: "
                    "text, token_ids, finish_reason, mode, metrics")

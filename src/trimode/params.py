@@ -28,9 +28,10 @@ class SamplingParams:
     threshold: in [0, 1]; diffusion unmasks every masked slot whose confidence reaches it
         (at least one per pass); None gives the even schedule (spec 3.3). For linear_spec
         the draft threshold: 0 drafts in one pass (the reference default).
-    draft_segments: quadratic_spec only: None keeps a draft segment for every acceptance
-        outcome (block_length + block_length^2 tokens per forward); m >= 1 keeps the m
-        outcomes nearest the last acceptance (pruned layout).
+    draft_segments: quadratic_spec only: m >= 1 keeps draft segments for the m acceptance
+        outcomes nearest the last acceptance (pruned layout, block_length * (m + 1) tokens
+        per forward); None keeps one for every outcome (block_length + block_length^2).
+        Default 1: the fastest on CPU in benchmarks/RESULTS.md.
     trace: record a per-forward trace in ``RequestOutput.metrics.trace``.
     """
 
@@ -43,7 +44,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     block_length: int | None = None
     threshold: float | None = None
-    draft_segments: int | None = None
+    draft_segments: int | None = 1
     trace: bool = False
 
     def __post_init__(self) -> None:

@@ -60,9 +60,9 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
     """One forward per cycle. Verification rules are linear_spec's (exact match at
     temperature 0, speculative sampling otherwise), so the output equals ``ar``'s.
 
-    ``SamplingParams.draft_segments``: None keeps a draft segment for every outcome
-    (B + B^2 tokens per forward); m keeps only the m outcomes nearest the last acceptance
-    (pruned). When the verify lands on an outcome without a segment, the next cycle
+    ``SamplingParams.draft_segments``: m keeps only the m outcomes nearest the last
+    acceptance (pruned, B(m + 1) tokens per forward; default 1); None keeps a draft segment
+    for every outcome (B + B^2 tokens per forward). When the verify lands on an outcome without a segment, the next cycle
     verifies the bonus alone and drafts again.
     """
 
