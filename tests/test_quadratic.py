@@ -98,7 +98,8 @@ def test_drafts_and_output_equal_reference(tiny, block_length):
     rng = random.Random(block_length)
     prompt = [rng.randrange(4, 96) for _ in range(9)]
     out = llm.generate([prompt], SamplingParams(mode="quadratic_spec", max_tokens=17,
-                                                block_length=block_length, trace=True))[0]
+                                                block_length=block_length, draft_segments=None,
+                                                trace=True))[0]
     ids, ref_drafts = ref_quadratic(tiny[1], prompt, 17, block_length)
     assert out.token_ids == ids
     drafts = [list(t.tokens) for t in out.metrics.trace if t.kind == "draft"]

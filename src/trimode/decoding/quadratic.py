@@ -100,12 +100,7 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
 
     def update(self, seq: Sequence, logits: torch.Tensor) -> None:
         verify_length = len(self.block)
-        verify_logits = logits[:verify_length]
-        accepted = self._accept(seq, verify_logits)
-        start = len(seq.generated)
-        used = seq.commit(accepted)
-        seq.record("verify", list(range(start, start + used)), accepted[:used])
-        seq.verifies += 1
+        accepted = self._accept(seq, logits[:verify_length])
         c = len(accepted) - 1
         self.last_accepted = c
         seq.rollback = len(self.block) + len(self.segments) * self.width - (c + 1)
@@ -113,16 +108,6 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
             return
         drafts, log_probs = self._drafts_for(seq, logits, verify_length, c)
         self._new_cycle(seq, accepted[-1], drafts, log_probs)
-
-    def _accept(self, seq: Sequence, verify_logits: torch.Tensor) -> list[int]:
-        drafts = self.block[1:]
-        if seq.params.temperature > 0 and self.draft_log_probs:
-            return self._speculative_sampling(seq, verify_logits, drafts)
-        ar = pick(verify_logits, seq.params, seq.mask_token_id, seq.generator).tolist()
-        c = 0
-        while c < len(drafts) and ar[c] == drafts[c]:
-            c += 1
-        return ar[: c + 1]
 
     def _drafts_for(self, seq: Sequence, logits: torch.Tensor, verify_length: int,
                     c: int) -> tuple[list[int], dict]:

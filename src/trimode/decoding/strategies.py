@@ -169,23 +169,30 @@ class LinearSpecStrategy:
             self.phase = "verify"
 
     def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
-        params = seq.params
-        drafts = self.block[1:]
-        if params.temperature > 0 and self.draft_log_probs:
-            accepted = self._speculative_sampling(seq, logits, drafts)
-        else:
-            ar = pick(logits, params, seq.mask_token_id, seq.generator).tolist()
-            c = 0
-            while c < len(drafts) and ar[c] == drafts[c]:
-                c += 1
-            accepted = ar[: c + 1]
+        accepted = self._accept(seq, logits)
+        seq.rollback = len(self.block) - len(accepted)
+        if not seq.finished:
+            self._new_block(seq, accepted[-1])
+
+    def _accept(self, seq: Sequence, verify_logits: torch.Tensor) -> list[int]:
+        """Verify the block's drafts against ``verify_logits`` ``[L, V]``, commit the accepted
+        drafts plus the bonus token, and return them (the cache still holds all L slots)."""
+        accepted = self._verified(seq, verify_logits)
         start = len(seq.generated)
         used = seq.commit(accepted)
         seq.record("verify", list(range(start, start + used)), accepted[:used])
         seq.verifies += 1
-        seq.rollback = len(self.block) - len(accepted)
-        if not seq.finished:
-            self._new_block(seq, accepted[-1])
+        return accepted
+
+    def _verified(self, seq: Sequence, verify_logits: torch.Tensor) -> list[int]:
+        drafts = self.block[1:]
+        if seq.params.temperature > 0 and self.draft_log_probs:
+            return self._speculative_sampling(seq, verify_logits, drafts)
+        ar = pick(verify_logits, seq.params, seq.mask_token_id, seq.generator).tolist()
+        c = 0
+        while c < len(drafts) and ar[c] == drafts[c]:
+            c += 1
+        return ar[: c + 1]
 
     def _speculative_sampling(self, seq: Sequence, logits: torch.Tensor,
                               drafts: list[int]) -> list[int]:
