@@ -50,8 +50,8 @@ def test_draft_pass_equals_peft_model_under_bidirectional_mask(tiny, adapter):
     n = len(prefix) + len(block)
     with torch.no_grad():
         with peft_model.disable_adapter():
-            past = peft_model(input_ids=torch.tensor([prefix]), use_cache=True).past_key_values
-        expected = peft_model(input_ids=torch.tensor([block]), past_key_values=past,
+            past = peft_model(input_ids=torch.tensor([prefix]), use_cache=True).cache
+        expected = peft_model(input_ids=torch.tensor([block]), cache=past,
                               attention_mask=torch.zeros(1, 1, len(block), n),
                               position_ids=torch.arange(len(prefix), n)[None]).logits[0]
     torch.testing.assert_close(drafted, expected, atol=1e-4, rtol=0)
