@@ -225,8 +225,6 @@ class StubModel:
 
     def __call__(self, tokens, cache, n_valid, bidirectional, write, adapter,
                  attention=None, offsets=None) -> torch.Tensor:
-        if attention is not None or offsets is not None:
-            raise NotImplementedError("stub models have no fused (quadratic) layouts")
         if len(self.calls) >= self.max_forwards:
             raise AssertionError(f"more than {self.max_forwards} forwards: no progress")
         if self.before_forward is not None:
@@ -244,10 +242,15 @@ class StubModel:
             ad = bool(adapter[b].any()) if adapter.dim() == 2 else bool(adapter[b])
             record.append(dict(n=n, bidirectional=bidi, write=wr, adapter=ad,
                                length=length, tokens=toks))
-            assert not (ad and not bidi), "draft adapter on in a causal pass (spec 5.3)"
+            if attention is None:
+                assert not (ad and not bidi), "draft adapter on in a causal pass (spec 5.3)"
+            else:  # fused row: the adapter is on exactly for the draft (mask) tokens
+                assert adapter[b, :n].tolist() == [tok == MASK for tok in toks]
             prefix = self.cached_tokens(cache, b)
             cache.keys[0][b, 0, length : length + n, 0] = torch.tensor(toks, dtype=torch.float64)
-            if bidi:
+            if attention is not None:
+                out[b, :n] = self.fused(prefix, toks, attention[b, :n, :n], offsets[b, :n])
+            elif bidi:
                 assert not wr, "a bidirectional pass must not commit its KV"
                 out[b, :n] = self.drafter(self, prefix, toks)
             else:
@@ -260,6 +263,26 @@ class StubModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.float()
+
+    def fused(self, prefix: list[int], toks: list[int], attention: torch.Tensor,
+              offsets: torch.Tensor) -> torch.Tensor:
+        """A fused (quadratic_spec) row, read through its own attention pattern: a real
+        token predicts the AR next token of the prefix + the real tokens it sees; a mask at
+        offset o predicts the drafter's guess for position o from what it sees (the perfect
+        drafter: the AR rollout; slots past ``drafter.right`` give WRONG)."""
+        out = torch.zeros(len(toks), self.vocab)
+        for t, tok in enumerate(toks):
+            seen = [toks[u] for u in range(len(toks)) if attention[t, u] and toks[u] != MASK]
+            if tok != MASK:
+                assert seen == toks[: len(seen)] and seen[-1] == tok, "verify must be causal"
+                out[t] = self.ar_logits(prefix + seen)
+                continue
+            steps = int(offsets[t]) - len(seen) + 1  # positions past the last seen token
+            guess = rollout(self.lm, prefix + seen, steps)[-1]
+            right = getattr(self.drafter, "right", None)
+            wrong = right is not None and steps - 1 > right
+            out[t, WRONG if wrong else guess] = logit_for(0.9, self.vocab)
+        return out
 
 
 class ContextFreeStub:
@@ -280,8 +303,6 @@ class ContextFreeStub:
 
     def __call__(self, tokens, cache, n_valid, bidirectional, write, adapter,
                  attention=None, offsets=None) -> torch.Tensor:
-        if attention is not None or offsets is not None:
-            raise NotImplementedError("stub models have no fused (quadratic) layouts")
         self.forwards += 1
         if self.forwards > self.max_forwards:
             raise AssertionError(f"more than {self.max_forwards} forwards: no progress")

@@ -343,7 +343,8 @@ def first_token(outcomes: list[tuple], probs: np.ndarray) -> np.ndarray:
 
 def test_b16_tiny_checkpoint_spec_samples_the_ar_distribution(tiny, tiny_llm):
     """First 3 generated tokens at temperature 1 (top_k 4, so the joint has at most 64
-    outcomes and is computed exactly from the oracle): linear_spec and ar both match the
+    outcomes and is computed exactly from the oracle): linear_spec, quadratic_spec and ar
+    all match the
     exact joint and first-token distributions, and each other, within the TV bound above
     (failure probability <= 1e-4 each for a correct sampler) and by chi-square."""
     from conftest import EOS as T_EOS, MASK as T_MASK
@@ -355,7 +356,7 @@ def test_b16_tiny_checkpoint_spec_samples_the_ar_distribution(tiny, tiny_llm):
     assert abs(p.sum() - 1) < 1e-9 and p.max() < 0.2 and len(p) == 64
     n = 3000
     empirical = {}
-    for mode, seed0 in (("linear_spec", 0), ("ar", 10**6)):
+    for mode, seed0 in (("linear_spec", 0), ("quadratic_spec", 5 * 10**5), ("ar", 10**6)):
         seqs = [Sequence(prompt, SamplingParams(mode=mode, temperature=1.0, top_k=4,
                                                 max_tokens=6, block_length=8, seed=seed0 + i,
                                                 trace=True),
@@ -375,8 +376,9 @@ def test_b16_tiny_checkpoint_spec_samples_the_ar_distribution(tiny, tiny_llm):
             obs.append(q[~big].sum() * n)
             exp.append(p[~big].sum() * n)
         assert chisquare(obs, exp).pvalue > 0.001, mode
-        if mode == "linear_spec":  # drafts were both accepted and rejected
+        if mode != "ar":  # drafts were both accepted and rejected
             sizes = Counter(k for s in seqs for k in verify_sizes(s))
             assert sizes[1] > 0 and sum(v for k, v in sizes.items() if k > 1) > 0
-    tv_modes = 0.5 * np.abs(empirical["linear_spec"] - empirical["ar"]).sum()
-    assert tv_modes < tv_bound(p, n, two_sample=True)
+    for mode in ("linear_spec", "quadratic_spec"):
+        tv_modes = 0.5 * np.abs(empirical[mode] - empirical["ar"]).sum()
+        assert tv_modes < tv_bound(p, n, two_sample=True), mode

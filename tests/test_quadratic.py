@@ -107,12 +107,13 @@ def test_drafts_and_output_equal_reference(tiny, block_length):
     assert len(drafts) >= 2
 
 
+@pytest.mark.parametrize("block_length", [2, 4, 7])
 @pytest.mark.parametrize("segments", [None, 1, 2])
-def test_equals_ar_batched_and_single(tiny_llm, segments):
+def test_equals_ar_batched_and_single(tiny_llm, segments, block_length):
     rng = random.Random(11)
     prompts = [[rng.randrange(4, 96) for _ in range(n)] for n in (2, 15, 6)]
     ar = tiny_llm.generate(prompts, SamplingParams(mode="ar", max_tokens=21))
-    params = SamplingParams(mode="quadratic_spec", max_tokens=21, block_length=5,
+    params = SamplingParams(mode="quadratic_spec", max_tokens=21, block_length=block_length,
                             draft_segments=segments)
     batched = tiny_llm.generate(prompts, params)
     for prompt, a, b in zip(prompts, ar, batched):
@@ -140,3 +141,66 @@ def test_quadratic_params_validation():
         SamplingParams(mode="quadratic_spec", draft_segments=0)
     with pytest.raises(ValueError, match="threshold"):
         SamplingParams(mode="quadratic_spec", threshold=0.5)
+
+
+@pytest.mark.parametrize("block_length", [2, 4, 7, 8])
+def test_perfect_drafter_reaches_one_forward_per_full_block(block_length):
+    """Issue 8: with a perfect drafter every cycle after the first accepts the whole block
+    (block_length tokens in one forward); a layout or offset error breaks this."""
+    from stubs import PERFECT, HashLM, StubModel, ar_greedy, run_one, verify_sizes
+
+    lm = HashLM()
+    model = StubModel(lm, PERFECT)
+    prompt, max_tokens = [5, 9, 11], 64
+    seq = run_one(model, prompt, SamplingParams(mode="quadratic_spec", max_tokens=max_tokens,
+                                                block_length=block_length, trace=True))
+    assert seq.generated == ar_greedy(lm, prompt, max_tokens)[0]
+    full, rest = divmod(max_tokens - 2, block_length)  # prefill seed + first bonus, then blocks
+    assert verify_sizes(seq) == [1] + [block_length] * full + ([rest] if rest else [])
+    assert seq.metrics.nfe == 2 + full + (1 if rest else 0)
+
+
+def test_adversarial_drafter_still_one_forward_per_token():
+    from stubs import ADVERSARIAL, HashLM, StubModel, ar_greedy, run_one
+
+    lm = HashLM()
+    seq = run_one(StubModel(lm, ADVERSARIAL), [7, 8],
+                  SamplingParams(mode="quadratic_spec", max_tokens=40, block_length=8))
+    assert seq.generated == ar_greedy(lm, [7, 8], 40)[0]
+    assert seq.metrics.acceptance_length == 1.0 and seq.metrics.nfe == 40
+
+
+@pytest.mark.parametrize("segments", [None, 1])
+def test_cache_after_each_cycle_equals_ar_cache(tiny, segments):
+    """Issue 8 KV exactness: after each cycle's crop the cached K/V equal those of a causal
+    forward over the same committed text (minus the bonus token, which is not cached yet)."""
+    from trimode.decoding.modes import STRATEGIES
+    from trimode.decoding.sequence import Sequence
+
+    model = LLM(str(tiny[0])).model
+    prompt = [11, 52, 7, 33, 90, 4]
+    seq = Sequence(prompt, SamplingParams(mode="quadratic_spec", max_tokens=20, block_length=4,
+                                          draft_segments=segments), {EOS}, MASK, 4)
+    cache = model.new_cache(1, 64)
+    seq.strategy = STRATEGIES["quadratic_spec"]()
+    seq.strategy.start(seq, model.logits(model(torch.tensor([prompt]), cache))[0, -1:])
+    cycles = 0
+    while not seq.finished:
+        step = seq.strategy.next_step(seq)
+        hidden = model(torch.tensor([step.tokens]), cache, attention=step.attention[None],
+                       offsets=torch.tensor([step.offsets]),
+                       adapter=torch.tensor([step.adapter_tokens]))
+        seq.strategy.update(seq, model.logits(hidden)[0])
+        cache.crop(cache.lengths - seq.rollback)
+        seq.rollback = 0
+        cycles += 1
+        text = prompt + seq.generated[:-1]
+        assert int(cache.lengths[0]) == len(text)
+        clean = model.new_cache(1, 64)
+        model(torch.tensor([text]), clean)
+        for layer in range(len(cache.keys)):
+            torch.testing.assert_close(cache.keys[layer][0, :, : len(text)],
+                                       clean.keys[layer][0, :, : len(text)], atol=1e-4, rtol=0)
+            torch.testing.assert_close(cache.values[layer][0, :, : len(text)],
+                                       clean.values[layer][0, :, : len(text)], atol=1e-4, rtol=0)
+    assert cycles >= 4

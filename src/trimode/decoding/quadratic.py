@@ -102,7 +102,8 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
         verify_length = len(self.block)
         accepted = self._accept(seq, logits[:verify_length])
         c = len(accepted) - 1
-        self.last_accepted = c
+        if verify_length > 1:  # a bonus-only cycle has one outcome and says nothing
+            self.last_accepted = c
         seq.rollback = len(self.block) + len(self.segments) * self.width - (c + 1)
         if seq.finished:
             return
