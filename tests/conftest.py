@@ -39,14 +39,32 @@ def make_oracle(seed: int = 0, head_std: float = 1.0, **overrides):
     config = Ministral3Config(**geometry, rope_parameters=dict(NLD_ROPE), bos_token_id=BOS,
                               eos_token_id=EOS, pad_token_id=0, attn_implementation="eager")
     torch.manual_seed(seed)
-    model = Ministral3ForCausalLM(config).float().eval()
+    return init_random(Ministral3ForCausalLM(config), seed, head_std)
+
+
+def init_random(model, seed: int, head_std: float = 1.0):
+    """Peaked random weights: matrices N(0, 0.3) (head N(0, head_std)), norms near 1, so
+    argmax margins dwarf fp32 rounding and thresholds are reached."""
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, head_std if name == "lm_head.weight" else 0.3)
             else:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
-    return model
+    return model.float().eval()
+
+
+def assert_cache_equals_causal(model, cache, text: list[int], row: int = 0) -> None:
+    """Row ``row`` of ``cache`` holds exactly the K/V of a clean causal forward over ``text``
+    (atol 1e-4): nothing stale from read-only passes, nothing rejected kept (B08, B15)."""
+    assert int(cache.lengths[row]) == len(text)
+    clean = model.new_cache(1, len(text) + 1)
+    model(torch.tensor([text]), clean)
+    for layer in range(len(cache.keys)):
+        for ours, ref in ((cache.keys, clean.keys), (cache.values, clean.values)):
+            torch.testing.assert_close(ours[layer][row, :, : len(text)],
+                                       ref[layer][0, :, : len(text)], atol=1e-4, rtol=0)
 
 
 def nld_state_dict(oracle) -> dict[str, torch.Tensor]:

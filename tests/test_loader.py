@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_oracle, nld_state_dict, tiny_geometry, write_checkpoint
+from conftest import init_random, make_oracle, nld_state_dict, tiny_geometry, write_checkpoint
 from reference import logits_of
 from trimode import CheckpointError
 from trimode.config import ModelConfig
@@ -35,17 +35,6 @@ def load(path, dtype=torch.float32):
 def assert_matches(net, oracle, ids=IDS):
     ref = logits_of(oracle, ids)
     assert (trimode_logits(net, ids) - ref).abs().max().item() <= TOL
-
-
-def init_random(model, seed: int):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1.0 if name == "lm_head.weight" else 0.3)
-            else:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    return model.float().eval()
 
 
 def hf_causal_lm(kind: str, tied: bool, seed: int = 0):

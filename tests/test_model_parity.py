@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from conftest import BOS, EOS, NLD_ROPE, make_oracle, nld_config_dict, tiny_geometry, write_checkpoint
+from conftest import (BOS, EOS, NLD_ROPE, init_random, make_oracle, nld_config_dict, tiny_geometry,
+                      write_checkpoint)
 from reference import logits_of
 from trimode.config import ModelConfig, RopeConfig
 from trimode.loader import load_model
@@ -32,14 +33,7 @@ def oracle_with_rope(rope: dict, seed: int = 0, **overrides):
                               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0,
                               attn_implementation="eager")
     torch.manual_seed(seed)
-    model = Ministral3ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1.0 if name == "lm_head.weight" else 0.3)
-            else:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-    return model
+    return init_random(Ministral3ForCausalLM(config), seed)
 
 
 def load(directory):

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import EOS, MASK, make_oracle, write_checkpoint
+from conftest import EOS, MASK, assert_cache_equals_causal, make_oracle, write_checkpoint
 from reference import ref_ar, ref_diffusion, ref_linear_spec
 from trimode import LLM, SamplingParams
 
@@ -97,13 +97,5 @@ def test_cached_equals_recompute_at_block_boundaries(tiny):
         seq.strategy.update(seq, model.logits(hidden)[0])
         if step.kind == "commit":
             commits += 1
-            text = prompt + seq.generated
-            assert int(cache.lengths[0]) == len(text)
-            clean = model.new_cache(1, 64)
-            model(torch.tensor([text]), clean)
-            for layer in range(len(cache.keys)):
-                torch.testing.assert_close(cache.keys[layer][0, :, : len(text)],
-                                           clean.keys[layer][0, :, : len(text)], atol=1e-4, rtol=0)
-                torch.testing.assert_close(cache.values[layer][0, :, : len(text)],
-                                           clean.values[layer][0, :, : len(text)], atol=1e-4, rtol=0)
+            assert_cache_equals_causal(model, cache, prompt + seq.generated)
     assert commits >= 2
