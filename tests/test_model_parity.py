@@ -33,7 +33,7 @@ def oracle_with_rope(rope: dict, seed: int = 0, **overrides):
                               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0,
                               attn_implementation="eager")
     torch.manual_seed(seed)
-    return init_random(Ministral3ForCausalLM(config), seed)
+    return init_random(Ministral3ForCausalLM(config), None)
 
 
 def load(directory):
