@@ -175,3 +175,11 @@ def test_same_seed_same_output_alone_and_batched(mode):
                                          block_length=8, threshold=0.9, seed=s)).generated)
             for s in range(5)}
     assert len(outs) >= 4
+
+
+def test_b25_container_and_flag_types_are_checked():
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(stop_token_ids=5)
+    with pytest.raises(ValueError, match="trace"):
+        SamplingParams(trace="yes")
+    assert SamplingParams(stop_token_ids=[2, 5]).stop_token_ids == (2, 5)

@@ -65,3 +65,15 @@ def test_prompt_over_context_limit_names_both_numbers(tiny, tmp_path):
         llm.generate([[5] * 55], SamplingParams(mode="ar", max_tokens=10))
     ok = llm.generate([[5] * 54], SamplingParams(mode="ar", max_tokens=10))[0]
     assert len(ok.token_ids) <= 10
+
+
+def test_prompt_and_params_types_are_checked(tiny_llm):
+    from trimode import SamplingParams
+
+    for bad in (123, None, [1.5, 2], [[5, 6], 7]):
+        with pytest.raises(ValueError, match="prompt"):
+            tiny_llm.generate(bad)
+    with pytest.raises(ValueError, match="params entries must be SamplingParams"):
+        tiny_llm.generate([[5, 6]], [{"mode": "ar"}])
+    with pytest.raises(ValueError, match="params has 2 entries for 1 prompts"):
+        tiny_llm.generate([[5, 6]], [SamplingParams(), SamplingParams()])

@@ -69,6 +69,9 @@ class LLM:
         Raises ValueError for empty prompts, ids outside the vocabulary or equal to the mask
         id, a params list of the wrong length, or a mode the checkpoint cannot run.
         """
+        if not isinstance(prompts, (str, list, tuple)):
+            raise ValueError(f"prompts must be a string, a list of token ids, or a list of "
+                             f"those; got {prompts!r}")
         batch = [prompts] if _is_single(prompts) else list(prompts)
         ids = [self._prompt_ids(p) for p in batch]
         texts = [p if isinstance(p, str) else None for p in batch]
@@ -84,6 +87,8 @@ class LLM:
         return self._run(ids, [None] * len(ids), params, on_step)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if not isinstance(prompt, (str, list, tuple)):
+            raise ValueError(f"prompt must be a string or a list of token ids; got {prompt!r}")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt must not be empty")
@@ -133,9 +138,14 @@ def _per_prompt(params, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, (list, tuple)):
+        raise ValueError(f"params must be a SamplingParams or a list of them; got {params!r}")
     params = list(params)
     if len(params) != n:
         raise ValueError(f"params has {len(params)} entries for {n} prompts")
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"params entries must be SamplingParams; got {p!r}")
     return params
 
 

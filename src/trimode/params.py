@@ -66,6 +66,11 @@ class SamplingParams:
         if self.mode == "quadratic_spec" and self.threshold not in (None, 0):
             raise ValueError("threshold must be 0 or None for quadratic_spec (it drafts in one "
                              f"pass); got {self.threshold}")
+        if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
+            raise ValueError("stop_token_ids must be a list of integers >= 0; "
+                             f"got {self.stop_token_ids!r}")
+        if not isinstance(self.trace, bool):
+            raise ValueError(f"trace must be True or False; got {self.trace!r}")
         ids = tuple(self.stop_token_ids)
         for i in ids:
             _check_int("stop_token_ids", i, low=0)
