@@ -183,3 +183,18 @@ def test_b25_container_and_flag_types_are_checked():
     with pytest.raises(ValueError, match="trace"):
         SamplingParams(trace="yes")
     assert SamplingParams(stop_token_ids=[2, 5]).stop_token_ids == (2, 5)
+
+
+def test_b25_temperature_underflow_and_seed_overflow_are_rejected():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=1e-320)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64, temperature=1.0)
+    assert SamplingParams(temperature=1e-4, seed=2**63 - 1).seed == 2**63 - 1
+
+
+def test_pruned_quadratic_cache_is_sized_for_its_own_layout():
+    from trimode.decoding.modes import scratch_slots
+
+    assert scratch_slots("quadratic_spec", 64, 64, 1) == 64 + 64 + 1
+    assert scratch_slots("quadratic_spec", 64, 64, None) == 64 + 64 * 64 + 1

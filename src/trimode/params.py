@@ -51,11 +51,14 @@ class SamplingParams:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         _check_int("max_tokens", self.max_tokens, low=1)
-        _check_real("temperature", self.temperature, "must be >= 0", lambda v: v >= 0)
+        _check_real("temperature", self.temperature, "must be 0 (greedy) or in [1e-4, inf)",
+                    lambda v: v == 0 or v >= 1e-4)  # below 1e-4, z / T overflows to NaN
         _check_int("top_k", self.top_k, low=0)
         _check_real("top_p", self.top_p, "must be in (0, 1]", lambda v: 0 < v <= 1)
         if self.seed is not None:
             _check_int("seed", self.seed, low=0)
+            if self.seed >= 2**63:
+                raise ValueError(f"seed must be an integer in [0, 2**63); got {self.seed}")
         if self.block_length is not None:
             _check_int("block_length", self.block_length, low=1)
         if self.threshold is not None:

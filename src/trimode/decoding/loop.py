@@ -28,7 +28,8 @@ def decode(model: TriModeModel, seqs: list[Sequence],
         return
     start = time.perf_counter()
     capacity = max(len(s.prompt_ids) + s.params.max_tokens + scratch_slots(s.params.mode, s.block_length,
-                                                                    s.params.max_tokens)
+                                                                    s.params.max_tokens,
+                                                                    s.params.draft_segments)
                    for s in seqs)
     cache = model.new_cache(len(seqs), capacity)
     live = list(seqs)
