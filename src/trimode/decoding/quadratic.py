@@ -11,7 +11,7 @@ import torch
 
 from ..sampling import pick, target_log_probs
 from .sequence import Sequence, Step
-from .strategies import LinearSpecStrategy
+from .strategies import LinearSpecStrategy, ar_token
 
 
 def quadratic_layout(verify_length: int, block_length: int,
@@ -67,7 +67,7 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
     """
 
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        seed = int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
+        seed = ar_token(seq, logits)
         seq.record("prefill", [0], [seed])
         seq.commit([seed])
         self.last_accepted = seq.block_length - 1

@@ -20,6 +20,11 @@ from ..sampling import confidence, pick, sample_from, target_log_probs
 from .sequence import Sequence, Step
 
 
+def ar_token(seq: Sequence, logits: torch.Tensor) -> int:
+    """The token the causal logits of the last position choose (greedy or sampled)."""
+    return int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
+
+
 class ARStrategy:
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
         self._emit(seq, logits, "prefill")
@@ -31,7 +36,7 @@ class ARStrategy:
         self._emit(seq, logits[-1:], "ar")
 
     def _emit(self, seq: Sequence, logits: torch.Tensor, kind: str) -> None:
-        self.pending = int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
+        self.pending = ar_token(seq, logits)
         seq.record(kind, [len(seq.generated)], [self.pending])
         seq.commit([self.pending])
 
@@ -51,7 +56,7 @@ class DiffusionStrategy:
     """
 
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        seed = int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
+        seed = ar_token(seq, logits)
         seq.record("prefill", [0], [seed])
         self._new_block(seq, seed)
 
@@ -85,7 +90,7 @@ class DiffusionStrategy:
 
     def update(self, seq: Sequence, logits: torch.Tensor) -> None:
         if self.phase == "commit":
-            seed = int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
+            seed = ar_token(seq, logits)
             seq.record("commit", [self.offset + len(self.block)], [seed])
             self._new_block(seq, seed)
             return
@@ -124,7 +129,7 @@ class LinearSpecStrategy:
     """
 
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        seed = int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
+        seed = ar_token(seq, logits)
         seq.record("prefill", [0], [seed])
         seq.commit([seed])
         self._new_block(seq, seed)
