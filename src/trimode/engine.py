@@ -300,8 +300,7 @@ class Engine:
         assert [s.row for s in seqs] == list(range(start, start + len(seqs)))
         try:
             logits = forward_rows(self.model, view, steps, prefill)
-            rows = logits if prefill else [logits[i, : len(s.tokens)] for i, s in enumerate(steps)]
-            bad = [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in rows]
+            bad = [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in logits]
         except Exception as exc:  # a failed forward ends its requests, never the engine
             log.exception("forward failed")
             for s in seqs:
@@ -320,7 +319,7 @@ class Engine:
                     seq.strategy = STRATEGIES[seq.params.mode]()
                     seq.strategy.start(seq, logits[i : i + 1])
                 else:
-                    seq.strategy.update(seq, logits[i, : len(step.tokens)])
+                    seq.strategy.update(seq, logits[i])
             except Exception as exc:
                 log.exception("request %s failed", seq.request_id)
                 seq.finish("error", f"{type(exc).__name__}: {exc}")
