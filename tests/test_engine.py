@@ -351,3 +351,29 @@ def test_a_failing_forward_ends_only_its_requests(tiny_llm):
     assert engine.output(b).finish_reason in ("stop", "length")
     assert engine.output(b).generated == alone(real, [7, 8], SamplingParams(max_tokens=4))[0]
     assert engine.pool.live == 0
+
+
+def test_ragged_rows_equal_each_row_alone(model):
+    """A packed forward whose rows have different lengths (projections skip the padding)
+    gives every row the hidden states and KV it gets alone."""
+    torch.manual_seed(0)
+    prefixes = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    rows = [([20, 21, 22, 23, 24], True), ([25], False), ([26, 27, 28], True)]
+    packed = model.new_cache(3, 32)
+    width = max(len(p) for p in prefixes)
+    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prefixes])
+    model(tokens, packed, torch.tensor([len(p) for p in prefixes]))
+    width = max(len(r) for r, _ in rows)
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r, _ in rows])
+    bidi = torch.tensor([b for _, b in rows])
+    hidden = model(tokens, packed, torch.tensor([len(r) for r, _ in rows]), bidi, write=True)
+    for i, (prefix, (row, b)) in enumerate(zip(prefixes, rows)):
+        alone_cache = model.new_cache(1, 32)
+        model(torch.tensor([prefix]), alone_cache)
+        want = model(torch.tensor([row]), alone_cache, bidirectional=b)
+        torch.testing.assert_close(hidden[i, : len(row)], want[0], atol=1e-5, rtol=0)
+        n = len(prefix) + len(row)
+        assert int(packed.lengths[i]) == n
+        for layer in range(len(packed.keys)):
+            torch.testing.assert_close(packed.keys[layer][i, :, :n], alone_cache.keys[layer][0, :, :n],
+                                       atol=1e-5, rtol=0)
