@@ -377,3 +377,21 @@ def test_ragged_rows_equal_each_row_alone(model):
         for layer in range(len(packed.keys)):
             torch.testing.assert_close(packed.keys[layer][i, :, :n], alone_cache.keys[layer][0, :, :n],
                                        atol=1e-5, rtol=0)
+
+
+def test_prefix_sharing_copies_kv_and_keeps_outputs(model):
+    """Requests sharing a long prompt prefix with a running one prefill only their suffix;
+    outputs and the pool stay exactly as without sharing."""
+    system = list(range(30, 70))  # a 40-token shared "system prompt"
+    prompts = [system + [5, 6], system + [7], system + [8, 9, 10], system[:10] + [11]]
+    params = [SamplingParams(mode=m, max_tokens=6, block_length=3)
+              for m in ("ar", "linear_spec", "diffusion", "ar")]
+    expected = [alone(model, p, s)[0] for p, s in zip(prompts, params)]
+    engine = Engine(model, EngineConfig(max_num_seqs=4))
+    out = run_engine(engine, [(0, prompts[0], params[0])] +
+                     [(2, p, s) for p, s in zip(prompts[1:], params[1:])], check_pool_exact(model))
+    assert [out[k].generated for k in range(4)] == expected
+    assert engine.shared_prefix_tokens == 2 * 40  # the 10-token overlap is below the minimum
+    off = Engine(model, EngineConfig(max_num_seqs=4, min_shared_prefix=0))
+    run_engine(off, [(0, prompts[0], params[0]), (2, prompts[1], params[1])])
+    assert off.shared_prefix_tokens == 0
