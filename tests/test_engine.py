@@ -211,22 +211,34 @@ def test_kv_cache_memory_caps_the_rows(model):
 
 
 def test_auto_picks_the_configured_modes_by_load(model):
+    """The load a request joins is running + waiting (itself included): a quiet engine gets
+    the parallel mode, a burst beyond max_parallel_batch gets ar; each output equals its
+    chosen mode alone."""
     policy = AutoPolicy(parallel_mode="diffusion", max_parallel_batch=2)
     engine = Engine(model, EngineConfig(max_num_seqs=8, auto=policy))
     auto = SamplingParams(mode="auto", max_tokens=6, block_length=3)
-    ids = [engine.add_request([5 + k, 6], auto) for k in range(5)]
-    engine.step()
+    first = engine.add_request([5, 6], auto)
+    engine.step()  # load 1
+    second = engine.add_request([6, 7], auto)
+    engine.step()  # load 2
+    burst = [engine.add_request([7 + k, 6], auto) for k in range(4)]
+    engine.step()  # load 6
+    ids = [first, second] + burst
     modes = [engine.output(r).params.mode for r in ids]
-    assert modes == ["diffusion", "diffusion", "ar", "ar", "ar"]
+    assert modes == ["diffusion", "diffusion", "ar", "ar", "ar", "ar"]
     while engine.has_unfinished():
         engine.step()
-    for r, mode in zip(ids, modes):  # each equals its chosen mode alone
+    for r, mode in zip(ids, modes):
         seq = engine.output(r)
         assert seq.generated == alone(model, seq.prompt_ids,
                                       SamplingParams(mode=mode, max_tokens=6, block_length=3))[0]
     late = engine.add_request([9, 9], auto)  # the load has dropped again
     engine.step()
     assert engine.output(late).params.mode == "diffusion"
+    never = Engine(model, EngineConfig(auto=AutoPolicy(max_parallel_batch=0)))
+    r = never.add_request([5], auto)
+    never.step()
+    assert never.output(r).params.mode == "ar"
     with pytest.raises(ValueError, match="parallel_mode"):
         AutoPolicy(parallel_mode="ar")
 

@@ -52,8 +52,9 @@ PARALLEL_MODES = ("diffusion", "linear_spec", "quadratic_spec")
 class AutoPolicy:
     """How ``mode="auto"`` picks a mode when a request is admitted.
 
-    The request runs ``parallel_mode`` while the batch it joins (running requests, itself
-    included) has at most ``max_parallel_batch`` requests, and ``ar`` beyond that: parallel
+    The request runs ``parallel_mode`` while the load it joins (running requests plus the
+    waiting queue, itself included, capped at the pool's rows) is at most
+    ``max_parallel_batch``, and ``ar`` beyond that: parallel
     decoding pays while forwards are memory-bound and stops paying once the batch fills the
     device. The switch point is the crossover batch size measured by ``trimode bench`` /
     ``benchmarks/bench_engine.py`` on the target machine (0 = always ``ar``). The choice is
@@ -287,7 +288,10 @@ class Engine:
         while self.waiting and self.pool.live < self.pool.rows:
             seq = self.waiting[0]
             if seq.params.mode == "auto":
-                mode = self.config.auto.choose(len(self.running) + 1)
+                # the load it joins: everyone running plus the queue (itself included), so
+                # a burst of arrivals is seen as the batch it is about to become
+                load = min(len(self.running) + len(self.waiting), self.pool.rows)
+                mode = self.config.auto.choose(load)
                 resolved = self._sequence(seq.prompt_ids, replace(seq.params, mode=mode), seq)
             else:
                 resolved = seq
