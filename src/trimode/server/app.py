@@ -34,6 +34,7 @@ from .protocol import (ChatCompletionRequest, CompletionRequest, RequestError, _
 log = logging.getLogger("trimode.server")
 SCHEMA_ERRORS = {"missing", "json_invalid", "model_attributes_type", "int_from_float",
                  "json_type", "value_error_json", "union_tag_invalid"}
+UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # pydantic's union-member labels
 DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value, as in the CLI
 
 
@@ -209,7 +210,10 @@ def _describe(errors) -> tuple[int, str, str | None]:
     schema = all(e["type"] in SCHEMA_ERRORS or e["type"].endswith(("_type", "_parsing"))
                  for e in errors)
     first = errors[0]
+    if first["type"] == "json_invalid":
+        return 422, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = loc[:1] + [x for x in loc[1:] if x.isdigit() or x.isidentifier() and x not in UNION_TAGS]
     param = loc[0] if loc else None
     where = ".".join(loc) if loc else "body"
     message = f"{where}: {first['msg']}"
