@@ -25,6 +25,7 @@ from trimode import SamplingParams
 MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
 KNOBS = {"diffusion": {"block_length": 4, "threshold": 0.5}, "linear_spec": {"block_length": 4},
          "quadratic_spec": {"block_length": 4}, "ar": {}}
+LONG = "w10 w11"  # greedy decoding of the tiny model never reaches EOS from here (checked offline)
 PROMPTS = ["w5 w6 w7", "w10 w11", "w40 w41 w42 w43", "w20", "w90 w31 w7", "w8 w8 w8 w9"]
 
 
@@ -186,7 +187,7 @@ def test_disconnect_cancels_and_frees_kv(served, mode):
     back at its idle level; a non-stream request whose client times out too."""
     url, engine, _ = served
     wait_idle(engine, idle := _idle(engine))
-    body = {"prompt": PROMPTS[0], "max_tokens": 4000, "temperature": 0, "stream": True,
+    body = {"prompt": LONG, "max_tokens": 4000, "temperature": 0, "stream": True,
             "mode": mode, **KNOBS[mode]}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
         lines = (ln for ln in r.iter_lines() if ln)
@@ -285,3 +286,38 @@ def test_schema_fuzzer_finds_no_5xx_or_hang(tiny, tmp_path):
         assert httpx.get(f"{url}/health").status_code == 200
         assert engine.stats()["running"] == 0
     engine.shutdown()
+
+
+def test_cli_serve_subprocess(tiny):
+    """``trimode serve`` starts, answers an OpenAI client, and exits on SIGTERM; a bad flag
+    fails in one line before loading anything (B25)."""
+    import os
+    import signal
+    import socket
+
+    bad = subprocess.run([sys.executable, "-m", "trimode", "serve", "--block-length", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--block-length" in bad.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trimode", "serve", "--model", str(tiny[0]),
+                             "--port", str(port), "--served-model-name", "tiny", "--mode", "ar",
+                             "--log-level", "warning"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = client.completions.create(model="tiny", prompt="w5 w6", max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.model_extra["trimode"]["mode"] == "ar"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
