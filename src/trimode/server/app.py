@@ -35,6 +35,7 @@ log = logging.getLogger("trimode.server")
 SCHEMA_ERRORS = {"missing", "json_invalid", "model_attributes_type", "int_from_float",
                  "json_type", "value_error_json", "union_tag_invalid"}
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # pydantic's union-member labels
+MAX_CHOICES = 256  # engine requests one HTTP request may start (each holds KV)
 DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value, as in the CLI
 
 
@@ -140,6 +141,9 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig) -> FastA
         stop = body.stop_strings()
         prompts = _prompt_ids(body) if endpoint == "completions" else [_chat_ids(body)]
         field = "prompt" if endpoint == "completions" else "messages"
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise RequestError(f"prompts x n = {len(prompts) * body.n} choices; at most "
+                               f"{MAX_CHOICES} per request", "n")
         jobs = []
         for p, ids in enumerate(prompts):
             for j in range(body.n):
