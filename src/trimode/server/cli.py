@@ -9,7 +9,6 @@ import argparse
 
 from ..params import MODES
 
-SERVE_MODES = ("auto", *MODES)
 FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
          "top_k": "--top-k", "top_p": "--top-p", "block_length": "--block-length",
          "threshold": "--threshold"}
@@ -40,11 +39,11 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    help="requests decoded together, integer >= 1 (default: 16)")
     s.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context limit in tokens, prompt + generation (default: the "
-                   "checkpoint's max_position_embeddings)")
+                   "checkpoint's max_position_embeddings, capped at 4096)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     d = p.add_argument_group("request defaults (used when a request omits the field)")
-    d.add_argument("--mode", choices=SERVE_MODES, default="auto",
+    d.add_argument("--mode", choices=MODES, default="auto",
                    help="auto picks a mode per request from the load (default: auto)")
     d.add_argument("--max-tokens", type=int, default=256, metavar="N",
                    help="generated-token limit, integer >= 1 (default: 256)")
@@ -115,7 +114,7 @@ def server_config(args: argparse.Namespace, llm, model=None):
     from .app import ServerConfig
 
     name = args.served_model_name or Path(str(model)).name
-    limit = getattr(llm, "max_model_len", None) or llm.config.max_position_embeddings
+    limit = llm.engine.max_model_len
     return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         block_length=args.block_length, threshold=args.threshold,
