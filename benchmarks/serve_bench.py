@@ -7,7 +7,7 @@ and concurrency, over the OpenAI streaming chat API (async HTTP, httpx).
 
 Without ``--url`` it starts ``python -m trimode serve`` itself (``--model``, default the
 embedded model; ``--max-batch-size``) on a free port and stops it at the end. For each mode
-and concurrency C it sends ``--requests`` requests (default max(2C, 8)) from C concurrent
+and concurrency C it sends ``--requests`` requests (default max(C, 8)) from C concurrent
 clients, streaming, temperature 0, prompts cycled from PROMPTS. Reports output tokens/s
 (completion tokens from ``usage`` / wall time of the level), requests/s, time to first
 token (first non-empty content chunk) p50/p95, end-to-end latency p50/p95, and the mean
@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--modes", default="ar,diffusion,linear_spec,auto")
     ap.add_argument("--concurrency", default="1,4,16,64")
-    ap.add_argument("--requests", type=int, default=None, help="per level (default max(2C, 8))")
+    ap.add_argument("--requests", type=int, default=None, help="per level (default max(C, 8))")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--block-length", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
@@ -169,7 +169,7 @@ def main() -> None:
         asyncio.run(level(url, "ar", 1, 2, args))  # warm-up
         for mode in args.modes.split(","):
             for c in map(int, args.concurrency.split(",")):
-                row = asyncio.run(level(url, mode, c, args.requests or max(2 * c, 8), args))
+                row = asyncio.run(level(url, mode, c, args.requests or max(c, 8), args))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:

@@ -56,6 +56,8 @@ async def run_choice(engine, job: Job, decode) -> AsyncIterator[ChoiceEvent]:
     try:
         async for upd in updates:
             engine_done = bool(upd.finished)
+            if upd.finish_reason == "error":  # the engine failed this request only
+                raise RuntimeError(getattr(upd, "error", None) or "the engine failed the request")
             ids, lps = [], [] if upd.new_logprobs is not None else None
             for k, token in enumerate(upd.new_token_ids):
                 ids.append(token)
