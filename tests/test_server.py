@@ -83,6 +83,12 @@ def test_every_mode_equals_offline(served, client, mode):
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == c.finish_reason
+    one = list(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1,
+                                         temperature=0, stream=True, extra_body=extra,
+                                         stream_options={"include_usage": True}))
+    assert one[-1].usage.completion_tokens == 1  # B21: max_tokens 1 streams exactly one token
+    assert "".join(ch.choices[0].text for ch in one if ch.choices) == \
+        llm.tokenizer.decode(out.token_ids[:1])
 
 
 @pytest.mark.parametrize("mode", MODES)
