@@ -16,6 +16,7 @@ import pytest
 from serve_utils import ScriptedEngine, running
 
 TARGET = "héllo 日本語 🎉 ok </think>done 1, 2, 3"
+THINK = "<think>plan</think>answer"
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,14 @@ def server(bpe_tokenizer):
     from trimode.server.app import ServerConfig, build_app
 
     ids = bpe_tokenizer.encode(TARGET)
+    think = bpe_tokenizer.encode(THINK)
 
     def script(prompt_ids, params):
         prompt = bpe_tokenizer.decode(prompt_ids)
         if "slow" in prompt:
             return [[ids[0]]] * 4000, "stop"
+        if "think" in prompt:
+            return [think[:1], think[1:3], think[3:4], think[4:]], "stop"
         found = re.search(r"split (\d+)", prompt)
         k = int(found.group(1)) if found else 3
         return [ids[i : i + k] for i in range(0, len(ids), k)], "stop"
@@ -214,6 +218,21 @@ def test_schema_errors_are_422_and_server_keeps_serving(server):
     ok = client.post("/v1/completions", json={"prompt": "split 3", "max_tokens": 100,
                                               "temperature": 0, "top_p": 1})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == TARGET
+
+
+@pytest.mark.parametrize("user", ["think", "think <think> literal"])
+def test_think_tags_pass_through(server, user):
+    """B29: no reasoning parser, so tags split over steps reach the content unchanged, the
+    same in stream and non-stream, and a literal tag in the user's text changes nothing."""
+    url, _, _ = server
+    client = httpx.Client(base_url=url, timeout=30)
+    body = {"messages": [{"role": "user", "content": user}], "max_tokens": 50}
+    full = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert full == {"role": "assistant", "content": THINK}
+    events = sse(client, "/v1/chat/completions", body)
+    deltas = [c["delta"] for e in events for c in e["choices"]]
+    assert "".join(d.get("content") or "" for d in deltas) == THINK
+    assert all(set(d) <= {"role", "content"} for d in deltas)
 
 
 def test_models_health_metrics(server):
