@@ -6,7 +6,7 @@ and concurrency, over the OpenAI streaming chat API (async HTTP, httpx).
         [--requests N] [--max-tokens 32] [--block-length 8] [--out benchmarks/sections/serve.md]
 
 Without ``--url`` it starts ``python -m trimode serve`` itself (``--model``, default the
-embedded model; ``--max-batch-size``) on a free port and stops it at the end. For each mode
+embedded model; ``--max-batch-size``, ``--threads``) on a free port and stops it at the end. For each mode
 and concurrency C it sends ``--requests`` requests (default max(C, 8)) from C concurrent
 clients, streaming, temperature 0, prompts cycled from PROMPTS. Reports output tokens/s
 (completion tokens from ``usage`` / wall time of the level), requests/s, time to first
@@ -106,7 +106,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "warning", "--max-batch-size", str(args.max_batch_size)]
     if args.model:
         cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -151,6 +152,9 @@ def main() -> None:
     ap.add_argument("--url", default=None, help="an already running server")
     ap.add_argument("--model", default=None, help="checkpoint for the server this script starts")
     ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server this "
+                    "script starts (default 1: on a shared 2-core machine a second thread "
+                    "mostly waits for the core another process holds)")
     ap.add_argument("--modes", default="ar,diffusion,linear_spec,auto")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=None, help="per level (default max(C, 8))")

@@ -291,6 +291,7 @@ def test_schema_fuzzer_finds_no_5xx_or_hang(tiny, tmp_path):
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "passed" in r.stdout
+        print(r.stdout[-700:])  # the case count, shown with pytest -s
         assert httpx.get(f"{url}/health").status_code == 200
         assert engine.stats()["running"] == 0
     engine.shutdown()

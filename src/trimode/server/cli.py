@@ -87,7 +87,10 @@ def serve(args: argparse.Namespace) -> int:
     try:
         app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
                         server_config(args, llm, model))
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # Open streams are cancelled (and their engine requests aborted) after 5 s of a
+        # graceful shutdown instead of keeping the process alive until they finish.
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
     return 0
