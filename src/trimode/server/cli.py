@@ -62,7 +62,7 @@ def serve(args: argparse.Namespace) -> int:
     """Load, start the engine, serve until interrupted. Raises UsageError for bad flags."""
     from ..cli import UsageError
 
-    config = server_config(args, None)
+    server_config(args, None)  # bad defaults fail before the model loads
     if args.max_batch_size < 1:
         raise UsageError(f"--max-batch-size must be an integer >= 1; got {args.max_batch_size}")
     if args.max_model_len is not None and args.max_model_len < 1:
