@@ -6,7 +6,8 @@ and concurrency, over the OpenAI streaming chat API (async HTTP, httpx).
         [--requests N] [--max-tokens 32] [--block-length 8] [--out benchmarks/sections/serve.md]
 
 Without ``--url`` it starts ``python -m trimode serve`` itself (``--model``, default the
-embedded model; ``--max-batch-size``, ``--threads``) on a free port and stops it at the end. For each mode
+embedded model; ``--max-batch-size``, ``--threads``) on a free port and stops it at the end.
+For each mode
 and concurrency C it sends ``--requests`` requests (default max(C, 8)) from C concurrent
 clients, streaming, temperature 0, prompts cycled from PROMPTS. Reports output tokens/s
 (completion tokens from ``usage`` / wall time of the level), requests/s, time to first
@@ -167,7 +168,9 @@ def main() -> None:
     url = args.url
     if url is None:
         proc, url = start_server(args)
-    server = url if args.url else f"started here (model {args.model or 'embedded SmolLM2-135M-Instruct'}, max_batch_size {args.max_batch_size})"
+    model = args.model or "embedded SmolLM2-135M-Instruct"
+    server = url if args.url else (f"started here (model {model}, fp32 CPU, max_batch_size "
+                                   f"{args.max_batch_size}, OMP_NUM_THREADS={args.threads})")
     rows = []
     try:
         asyncio.run(level(url, "ar", 1, 2, args))  # warm-up
