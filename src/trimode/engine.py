@@ -92,6 +92,9 @@ class EngineConfig:
     max_num_batched_tokens: query tokens per step: the prompts prefilled in one step plus
         the widest step of every running request must fit; a prompt longer than this is
         rejected.
+    min_shared_prefix: a new request whose prompt shares at least this many leading tokens
+        with a running request's prompt copies their KV instead of recomputing it (prefix
+        sharing); 0 turns it off.
     auto: the policy for ``mode="auto"``.
     """
 
@@ -100,6 +103,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     max_num_batched_tokens: int = 8192
     scratch_tokens: int = 256
+    min_shared_prefix: int = 16
     auto: AutoPolicy = field(default_factory=AutoPolicy)
 
     def __post_init__(self) -> None:
@@ -109,6 +113,7 @@ class EngineConfig:
             _check_int("max_model_len", self.max_model_len, 1)
         if self.kv_cache_memory is not None:
             _check_int("kv_cache_memory", self.kv_cache_memory, 1)
+        _check_int("min_shared_prefix", self.min_shared_prefix, 0)
         if not isinstance(self.auto, AutoPolicy):
             raise ValueError(f"auto must be an AutoPolicy; got {self.auto!r}")
 
@@ -174,6 +179,7 @@ class Engine:
         self._ids = itertools.count()
         self.steps = 0
         self.forwards = 0
+        self.shared_prefix_tokens = 0  # prompt tokens whose prefill prefix sharing saved
 
     # ------------------------------------------------------------------ requests
 
@@ -240,7 +246,8 @@ class Engine:
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "kv_rows_used": self.pool.live, "kv_rows_total": self.pool.rows,
                 "kv_tokens_used": self.pool.used_positions(),
-                "kv_tokens_total": self.pool.rows * self.max_model_len}
+                "kv_tokens_total": self.pool.rows * self.max_model_len,
+                "shared_prefix_tokens": self.shared_prefix_tokens}
 
     def output(self, request_id: str) -> Sequence:
         return self.requests[request_id]
@@ -261,7 +268,9 @@ class Engine:
         admitted = self._admit()
         if admitted:
             start = admitted[0].row
-            self._run([Step(s.prompt_ids, "prefill") for s in admitted], admitted, start, prefill=True)
+            shared = [self._share_prefix(s) for s in admitted]
+            self._run([Step(s.prompt_ids[n:], "prefill") for s, n in zip(admitted, shared)],
+                      admitted, start, prefill=True)
             touched.update((s.request_id, s) for s in admitted)
         decoding = [s for s in self.running if not s.finished and s not in admitted]
         if decoding:
@@ -295,13 +304,40 @@ class Engine:
             budget -= need
         return admitted
 
+    def _share_prefix(self, seq: Sequence) -> int:
+        """Prefix sharing: copy the KV of the longest prompt prefix (>= ``min_shared_prefix``
+        tokens) that another live row already holds into ``seq``'s row; returns how many
+        prompt tokens need no prefill. Keys depend only on the tokens before them (causal
+        prefill and commit passes), so the copy is the prefill's own result up to fp32
+        summation order."""
+        if not self.config.min_shared_prefix:
+            return 0
+        prompt, best, source = seq.prompt_ids, 0, -1
+        for other in self.running:
+            if other.metrics.nfe == 0:
+                continue  # admitted in this step (seq itself included): no KV yet
+            limit = min(len(prompt) - 1, int(self.pool.cache.lengths[other.row]),
+                        len(other.prompt_ids))
+            n = 0
+            while n < limit and other.prompt_ids[n] == prompt[n]:
+                n += 1
+            if n > best:
+                best, source = n, other.row
+        if best < self.config.min_shared_prefix:
+            return 0
+        cache = self.pool.cache
+        for buf in (*cache.keys, *cache.values):
+            buf[seq.row, :, :best] = buf[source, :, :best]
+        cache.lengths[seq.row] = best
+        self.shared_prefix_tokens += best
+        return best
+
     def _run(self, steps: list[Step], seqs: list[Sequence], start: int, prefill: bool) -> None:
         view = self.pool.view(start, start + len(seqs))
         assert [s.row for s in seqs] == list(range(start, start + len(seqs)))
         try:
             logits = forward_rows(self.model, view, steps, prefill)
-            rows = logits if prefill else [logits[i, : len(s.tokens)] for i, s in enumerate(steps)]
-            bad = [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in rows]
+            bad = [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in logits]
         except Exception as exc:  # a failed forward ends its requests, never the engine
             log.exception("forward failed")
             for s in seqs:
@@ -320,7 +356,7 @@ class Engine:
                     seq.strategy = STRATEGIES[seq.params.mode]()
                     seq.strategy.start(seq, logits[i : i + 1])
                 else:
-                    seq.strategy.update(seq, logits[i, : len(step.tokens)])
+                    seq.strategy.update(seq, logits[i])
             except Exception as exc:
                 log.exception("request %s failed", seq.request_id)
                 seq.finish("error", f"{type(exc).__name__}: {exc}")
