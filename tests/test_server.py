@@ -288,7 +288,7 @@ def test_schema_fuzzer_finds_no_5xx_or_hang(tiny, tmp_path):
                             "--checks", "not_a_server_error", "-n", "60",
                             "--request-timeout", "20", "--generation-deterministic",
                             "--phases", "coverage,fuzzing", "--no-color"],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "passed" in r.stdout
         print(r.stdout[-700:])  # the case count, shown with pytest -s
