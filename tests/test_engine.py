@@ -407,3 +407,16 @@ def test_prefix_sharing_copies_kv_and_keeps_outputs(model):
     off = Engine(model, EngineConfig(max_num_seqs=4, min_shared_prefix=0))
     run_engine(off, [(0, prompts[0], params[0]), (2, prompts[1], params[1])])
     assert off.shared_prefix_tokens == 0
+
+
+def test_auto_policy_from_a_crossover_file(tmp_path):
+    path = tmp_path / "crossover.json"
+    path.write_text('{"modes": {"diffusion": {"max_parallel_batch": 4}, '
+                    '"linear_spec": {"max_parallel_batch": 16}}}')
+    assert AutoPolicy.from_crossover(path) == AutoPolicy("linear_spec", 16)
+    path.write_text('{"modes": {"diffusion": {"max_parallel_batch": 0}, '
+                    '"linear_spec": {"max_parallel_batch": 0}}}')
+    assert AutoPolicy.from_crossover(path) == AutoPolicy("linear_spec", 0)
+    path.write_text('{"nothing": 1}')
+    with pytest.raises(ValueError, match="crossover.json"):
+        AutoPolicy.from_crossover(path)

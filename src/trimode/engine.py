@@ -75,6 +75,25 @@ class AutoPolicy:
     def choose(self, batch_size: int) -> str:
         return self.parallel_mode if batch_size <= self.max_parallel_batch else "ar"
 
+    @classmethod
+    def from_crossover(cls, path) -> "AutoPolicy":
+        """The policy a ``crossover.json`` written by ``trimode bench`` measured: the parallel
+        mode that stays faster than ar up to the largest batch (ties: linear_spec, whose
+        output is ar's), up to that batch. Raises ValueError for a file without ``modes``."""
+        import json
+        from pathlib import Path
+
+        try:
+            modes = json.loads(Path(path).read_text())["modes"]
+            ranked = sorted(((int(v["max_parallel_batch"] or 0), m == "linear_spec", m)
+                             for m, v in modes.items() if m in PARALLEL_MODES), reverse=True)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a crossover.json written by trimode bench ({exc})") from None
+        if not ranked:
+            raise ValueError(f"{path}: no parallel mode measured")
+        batch, _, mode = ranked[0]
+        return cls(parallel_mode=mode, max_parallel_batch=batch)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
