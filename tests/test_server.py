@@ -331,3 +331,27 @@ def test_cli_serve_subprocess(tiny):
         proc.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises SIGTERM for the default handler
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+def test_serve_auto_policy_flags(tmp_path):
+    from types import SimpleNamespace
+
+    from trimode.cli import UsageError
+    from trimode.engine import AutoPolicy
+    from trimode.server.cli import auto_policy
+
+    def args(**kw):
+        base = dict(auto_crossover=None, auto_parallel_mode=None, auto_max_parallel_batch=None)
+        return SimpleNamespace(**{**base, **kw})
+
+    assert auto_policy(args()) is None
+    assert auto_policy(args(auto_parallel_mode="quadratic_spec", auto_max_parallel_batch=2)) == \
+        AutoPolicy("quadratic_spec", 2)
+    path = tmp_path / "crossover.json"
+    path.write_text('{"modes": {"diffusion": {"max_parallel_batch": 8}}}')
+    assert auto_policy(args(auto_crossover=str(path))) == AutoPolicy("diffusion", 8)
+    for bad, message in ((args(auto_max_parallel_batch=-1), "--auto-max-parallel-batch"),
+                         (args(auto_crossover=str(tmp_path / "none.json")), "--auto-crossover"),
+                         (args(auto_crossover=str(path), auto_max_parallel_batch=1), "one or the other")):
+        with pytest.raises(UsageError, match=message):
+            auto_policy(bad)

@@ -40,6 +40,14 @@ def add_serve_parser(sub, threshold_arg) -> None:
     s.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context limit in tokens, prompt + generation (default: the "
                    "checkpoint's max_position_embeddings, capped at 4096)")
+    s.add_argument("--auto-parallel-mode", choices=["diffusion", "linear_spec", "quadratic_spec"],
+                   default=None, help="mode 'auto' uses this parallel mode at low load "
+                   "(default: the model's measured policy, see README 'mode auto')")
+    s.add_argument("--auto-max-parallel-batch", type=int, default=None, metavar="N",
+                   help="mode 'auto' uses the parallel mode while running + queued requests "
+                   "<= N, ar beyond; 0: always ar")
+    s.add_argument("--auto-crossover", default=None, metavar="PATH",
+                   help="take the auto policy from a crossover.json written by `trimode bench`")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     d = p.add_argument_group("request defaults (used when a request omits the field)")
@@ -69,6 +77,7 @@ def serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-model-len must be an integer >= 1; got {args.max_model_len}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535]; got {args.port}")
+    auto = auto_policy(args)
     import uvicorn
 
     from .. import LLM
@@ -82,7 +91,7 @@ def serve(args: argparse.Namespace) -> int:
         model = default_model_dir(progress=False)
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=args.draft_adapter,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-              progress=False)
+              progress=False, auto=auto)
     engine = AsyncEngine(llm)
     try:
         app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
@@ -94,6 +103,31 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def auto_policy(args: argparse.Namespace):
+    """The AutoPolicy the --auto-* flags ask for, or None (the LLM's default). Raises
+    UsageError for bad values."""
+    from ..cli import UsageError
+    from ..engine import AutoPolicy
+
+    if args.auto_crossover is not None:
+        if args.auto_parallel_mode is not None or args.auto_max_parallel_batch is not None:
+            raise UsageError("--auto-crossover replaces --auto-parallel-mode and "
+                             "--auto-max-parallel-batch; give one or the other")
+        try:
+            return AutoPolicy.from_crossover(args.auto_crossover)
+        except ValueError as exc:
+            raise UsageError(f"--auto-crossover: {exc}") from None
+    if args.auto_parallel_mode is None and args.auto_max_parallel_batch is None:
+        return None
+    if args.auto_max_parallel_batch is not None and args.auto_max_parallel_batch < 0:
+        raise UsageError("--auto-max-parallel-batch must be an integer >= 0; got "
+                         f"{args.auto_max_parallel_batch}")
+    default = AutoPolicy()
+    return AutoPolicy(args.auto_parallel_mode or default.parallel_mode,
+                      default.max_parallel_batch if args.auto_max_parallel_batch is None
+                      else args.auto_max_parallel_batch)
 
 
 def server_config(args: argparse.Namespace, llm, model=None):
