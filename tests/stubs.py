@@ -242,13 +242,15 @@ class StubModel:
             ad = bool(adapter[b].any()) if adapter.dim() == 2 else bool(adapter[b])
             record.append(dict(n=n, bidirectional=bidi, write=wr, adapter=ad,
                                length=length, tokens=toks))
-            if attention is None:
+            fused = attention is not None and (not _plain(attention[b, :n, :n], offsets[b, :n], bidi)
+                                               or (not bidi and MASK in toks))
+            if not fused:
                 assert not (ad and not bidi), "draft adapter on in a causal pass (spec 5.3)"
             else:  # fused row: the adapter is on exactly for the draft (mask) tokens
                 assert adapter[b, :n].tolist() == [tok == MASK for tok in toks]
             prefix = self.cached_tokens(cache, b)
             cache.keys[0][b, 0, length : length + n, 0] = torch.tensor(toks, dtype=torch.float64)
-            if attention is not None:
+            if fused:
                 out[b, :n] = self.fused(prefix, toks, attention[b, :n, :n], offsets[b, :n])
             elif bidi:
                 assert not wr, "a bidirectional pass must not commit its KV"
@@ -283,6 +285,16 @@ class StubModel:
             wrong = right is not None and steps - 1 > right
             out[t, WRONG if wrong else guess] = logit_for(0.9, self.vocab)
         return out
+
+
+def _plain(attention: torch.Tensor, offsets: torch.Tensor, bidirectional: bool) -> bool:
+    """A row of a packed forward with explicit patterns that is an ordinary causal or
+    bidirectional row (another row of the batch used a fused layout)."""
+    n = attention.shape[0]
+    pattern = torch.ones(n, n, dtype=torch.bool)
+    if not bidirectional:
+        pattern = pattern.tril()
+    return bool((attention == pattern).all()) and offsets.tolist() == list(range(n))
 
 
 class ContextFreeStub:

@@ -1,21 +1,21 @@
-"""The offline Python API: ``LLM(model).generate(prompts, params)`` and ``LLM.chat``.
+"""The offline Python API: ``LLM(model).generate(prompts, params)``, ``chat`` and ``stream``.
 
-Turns text into token ids (tokenizer.py), groups requests that share a mode and block
-length into one batch, runs the decoding loop, and turns ids back into text. Every request
-gets exactly what it gets alone (batched equals single, B09).
+Turns text into token ids (tokenizer.py), submits every request to the continuous-batching
+engine (engine.py: requests of all modes share each step), and turns ids back into text.
+Every request gets exactly what it gets alone (batched equals single, B09).
 """
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 from typing import Sequence as Seq
 
 import torch
 
-from .decoding.loop import decode
 from .decoding.sequence import Sequence
+from .engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
 from .loader import load_model
 from .outputs import RequestOutput
 from .params import SamplingParams
@@ -31,13 +31,27 @@ class LLM:
         for the embedded SmolLM2-135M-Instruct (converted on first use).
     dtype / device: default fp32 on CPU, bf16 on CUDA.
     draft_adapter: a PEFT adapter directory, switched on for linear_spec draft passes only.
-    max_batch_size: requests decoded together in one batch.
-    Raises CheckpointError (a ValueError) for unreadable or inconsistent checkpoints.
+    max_batch_size: requests decoded concurrently (rows of the preallocated KV pool).
+    max_model_len: positions one request may hold (prompt + generation + its mode's
+        scratch); None: the checkpoint's context limit capped at 4096.
+    kv_cache_memory: bytes for the KV pool (caps max_batch_size); None: max_batch_size rows.
+    max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
+    auto: the ``mode="auto"`` policy (``engine.AutoPolicy``).
+    Raises CheckpointError (a ValueError) for unreadable or inconsistent checkpoints and
+    ValueError for out-of-range settings.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
                  device: str | None = None, draft_adapter: str | os.PathLike | None = None,
-                 max_batch_size: int = 16, progress: bool = True):
+                 max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
+                 kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
+                 auto: AutoPolicy | None = None):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
+        engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
+                                     kv_cache_memory=kv_cache_memory,
+                                     max_num_batched_tokens=max_num_batched_tokens,
+                                     auto=auto or AutoPolicy())
         if model is None:
             from .embedded import default_model_dir
 
@@ -53,9 +67,9 @@ class LLM:
             from .adapter import load_draft_adapter
 
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1; got {max_batch_size}")
         self.max_batch_size = max_batch_size
+        self.engine = Engine(self.model, engine_config)
+        self._async = None
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -95,37 +109,88 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return self.tokenizer.check_ids(list(prompt), self.config.vocab_size)
 
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator["StreamChunk"]:
+        """Decode one raw prompt and yield its committed tokens as they are committed:
+        several per step in the parallel modes, in order, never revised. Each StreamChunk
+        has ``token_ids`` (new), ``text`` (new text; a multi-byte character is held back
+        until complete), ``finished``, ``finish_reason`` and the RequestUpdate.
+        Other requests may be in flight through ``generate`` only from this same thread."""
+        ids = self._prompt_ids(prompt)
+        params = params or SamplingParams()
+        self._check_idle()
+        request_id = self.engine.add_request(ids, params)
+        shown = ""
+        try:
+            while True:
+                for update in self.engine.step():
+                    if update.request_id != request_id:
+                        continue
+                    text = self.tokenizer.decode(update.token_ids)
+                    if not update.finished and text.endswith("\ufffd"):
+                        text = text.rstrip("\ufffd")  # wait for the rest of the character
+                    delta, shown = text[len(shown):], text
+                    yield StreamChunk(update.new_token_ids, delta, update.finished,
+                                      update.finish_reason, update)
+                    if update.finished:
+                        return
+        finally:
+            seq = self.engine.requests.get(request_id)
+            if seq is not None and not seq.finished:
+                self.engine.abort(request_id)  # the caller stopped reading: cancel
+            if request_id in self.engine.requests:
+                self.engine.pop_finished(request_id)
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None):
+        """Async variant of ``stream`` over an AsyncEngine (created on first use): yields
+        RequestUpdates. Leaving the loop early cancels the request."""
+        from .engine import AsyncEngine
+
+        ids = self._prompt_ids(prompt)
+        engine = self._async or AsyncEngine(self)
+        async for update in engine.generate(ids, params or SamplingParams()):
+            yield update
+
+    def _check_idle(self) -> None:
+        if self._async is not None:
+            raise RuntimeError("an AsyncEngine is stepping this LLM; use it (or shut it down) "
+                               "instead of generate/stream")
+
     def _run(self, ids: list[list[int]], texts: list[str | None],
              params: SamplingParams | Seq[SamplingParams] | None,
              on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
         per = _per_prompt(params, len(ids))
-        seqs = [self._sequence(i, p) for i, p in zip(ids, per)]
-        index = {id(s): k for k, s in enumerate(seqs)}
-        hook = (lambda seq: on_step(index[id(seq)], seq)) if on_step else None
-        groups: dict[tuple, list[Sequence]] = defaultdict(list)
-        for s in seqs:
-            groups[(s.params.mode, s.block_length)].append(s)
-        for group in groups.values():
-            for k in range(0, len(group), self.max_batch_size):
-                decode(self.model, group[k : k + self.max_batch_size], hook)
-        return [RequestOutput(t, s.prompt_ids, self.tokenizer.decode(s.generated), s.generated,
-                              s.finish_reason, s.metrics) for t, s in zip(texts, seqs)]
+        self._check_idle()
+        for i, p in zip(ids, per):  # validate everything before queueing anything
+            self.engine.validate(i, p)
+        request_ids = []
+        try:
+            for k, (i, p) in enumerate(zip(ids, per)):
+                hook = (lambda seq, k=k: on_step(k, seq)) if on_step else None
+                request_ids.append(self.engine.add_request(i, p, on_step=hook))
+            pending = set(request_ids)
+            while pending:
+                for update in self.engine.step():
+                    if update.finished:
+                        pending.discard(update.request_id)
+            seqs = [self.engine.pop_finished(r) for r in request_ids]
+        except BaseException:
+            for r in request_ids:
+                if r in self.engine.requests:
+                    self.engine.abort(r)
+                    self.engine.pop_finished(r)
+            raise
+        return [to_output(s, t, self.tokenizer.decode(s.generated)) for t, s in zip(texts, seqs)]
 
-    def _sequence(self, ids: list[int], params: SamplingParams) -> Sequence:
-        config = self.config
-        if params.mode != "ar" and config.mask_token_id is None:
-            raise ValueError(f"mode {params.mode!r} needs a mask_token_id in the checkpoint config")
-        block = params.block_length or config.block_size
-        generated = params.max_tokens
-        if params.mode == "diffusion":  # the last block is denoised at full length (B04, B27)
-            generated = -(-params.max_tokens // block) * block
-        limit = config.max_position_embeddings
-        if len(ids) + generated > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + generation ({generated} positions"
-                             f"{' after block rounding' if generated != params.max_tokens else ''}) "
-                             f"= {len(ids) + generated} exceeds the context limit {limit}")
-        stop = set(config.eos_token_ids) | set(params.stop_token_ids)
-        return Sequence(ids, params, stop, config.mask_token_id, block)
+
+@dataclass
+class StreamChunk:
+    """One piece of a streamed request (see ``LLM.stream``)."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    update: RequestUpdate
 
 
 def _is_single(prompts) -> bool:

@@ -139,10 +139,12 @@ class TriModeModel(nn.Module):
     def device(self) -> torch.device:
         return self.encoder.embed_tokens.weight.device
 
-    def new_cache(self, rows: int, capacity: int) -> KVCache:
+    def new_cache(self, rows: int, capacity: int, zeroed: bool = True) -> KVCache:
+        """A KV cache of ``rows`` x ``capacity`` positions (``zeroed=False``: uninitialised,
+        for a KVPool that zeroes rows on first use)."""
         c = self.config
         return KVCache(c.num_hidden_layers, rows, c.num_key_value_heads, c.head_dim, capacity,
-                       self.dtype, self.device)
+                       self.dtype, self.device, zeroed)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,

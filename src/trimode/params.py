@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
+MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,9 @@ class SamplingParams:
 
     mode: ``"ar"`` (causal, one token per forward), ``"diffusion"`` (block diffusion, spec 3),
         ``"linear_spec"`` (self-speculation, spec 5.1) or ``"quadratic_spec"`` (draft and
-        verify fused in one forward, spec 5.5; see ``decoding/quadratic.py``).
+        verify fused in one forward, spec 5.5; see ``decoding/quadratic.py``) or ``"auto"``
+        (the engine picks ``ar`` or its parallel mode from the load at admission; see
+        ``engine.AutoPolicy``). The output is always exactly what the chosen mode gives.
     max_tokens: generated-token limit, >= 1. Never exceeded in any mode.
     temperature: >= 0; 0 is greedy. top_k: 0 (off) or >= 1. top_p: in (0, 1].
     seed: makes sampling reproducible (same seed, same output, whatever the batch).
@@ -33,6 +36,10 @@ class SamplingParams:
         per forward); None keeps one for every outcome (block_length + block_length^2).
         Default 1: the fastest on CPU in benchmarks/RESULTS.md.
     trace: record a per-forward trace in ``RequestOutput.metrics.trace``.
+    logprobs: None (off) or 0 .. 20: record each generated token's log-probability (and
+        this many most likely alternatives) under the model's raw distribution (fp32
+        log-softmax of the logits, no temperature) *at the forward that chose it*: the AR
+        step, the denoising pass that unmasked it, or the verify pass that accepted it.
     """
 
     mode: str = "ar"
@@ -46,6 +53,7 @@ class SamplingParams:
     threshold: float | None = None
     draft_segments: int | None = 1
     trace: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -64,6 +72,11 @@ class SamplingParams:
         if self.threshold is not None:
             _check_real("threshold", self.threshold, "must be in [0, 1] or None",
                         lambda v: 0 <= v <= 1)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}]; "
+                                 f"got {self.logprobs}")
         if self.draft_segments is not None:
             _check_int("draft_segments", self.draft_segments, low=1)
         if self.mode == "quadratic_spec" and self.threshold not in (None, 0):

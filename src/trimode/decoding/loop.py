@@ -1,64 +1,54 @@
-"""The one decoding loop: prefill, then step every live request until all are finished.
+"""Packing of Steps into one batched forward, and ``decode`` for a fixed set of requests.
 
-Each step asks every live request's strategy for its next forward, packs them into one
-batched forward (rows right-padded to the longest; each row keeps its own attention kind,
-cache write flag and adapter flag), and hands each row its logits back. Finished requests
-leave the batch at once. Knows nothing about modes beyond the Step interface.
+``forward_rows`` packs every row's Step into one forward (rows right-padded to the longest;
+each row keeps its own attention kind, cache write flag and adapter flags) and returns the
+logits. The stepping itself lives in ``engine.py``; ``decode`` runs a fixed batch on it.
+Knows nothing about modes beyond the Step interface.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
 
 from ..model import TriModeModel
 from .sequence import Sequence, Step
-from .modes import STRATEGIES, scratch_slots
+from .modes import scratch_slots
 
 
 def decode(model: TriModeModel, seqs: list[Sequence],
            on_step: Callable[[Sequence], None] | None = None) -> None:
-    """Decode ``seqs`` to completion in place (tokens, finish reasons, metrics).
-
-    ``on_step(seq)`` is called after every forward a request took part in (live views).
+    """Decode pre-built ``seqs`` to completion in place, all admitted together (one prefill
+    forward, then one packed forward per step) on a :class:`~trimode.engine.Engine` sized
+    for exactly them. ``on_step(seq)`` is called after every forward a request took part in.
     """
+    from ..engine import Engine, EngineConfig
+
     if not seqs:
         return
-    start = time.perf_counter()
-    capacity = max(len(s.prompt_ids) + s.params.max_tokens + scratch_slots(s.params.mode, s.block_length,
-                                                                    s.params.max_tokens,
-                                                                    s.params.draft_segments)
-                   for s in seqs)
-    cache = model.new_cache(len(seqs), capacity)
-    live = list(seqs)
-    prompts = [Step(s.prompt_ids, "prefill") for s in seqs]
-    hidden, n_valid = _forward(model, cache, prompts)
-    last = hidden[torch.arange(len(seqs)), n_valid - 1]
-    logits = model.logits(last).cpu()
-    for i, seq in enumerate(seqs):
-        seq.strategy = STRATEGIES[seq.params.mode]()
-        seq.metrics.nfe += 1
-        seq.strategy.start(seq, logits[i : i + 1])
-        if on_step:
-            on_step(seq)
-    live = _drop_finished(live, cache, start)
-    while live:
-        steps = [s.strategy.next_step(s) for s in live]
-        hidden, _ = _forward(model, cache, steps)
-        logits = model.logits(hidden).cpu()
-        for i, (seq, step) in enumerate(zip(live, steps)):
-            seq.metrics.nfe += 1
-            seq.strategy.update(seq, logits[i, : len(step.tokens)])
-            if on_step:
-                on_step(seq)
-        rollback = torch.tensor([s.rollback for s in live], device=cache.lengths.device)
-        if bool(rollback.any()):
-            cache.crop(cache.lengths - rollback)
-            for s in live:
-                s.rollback = 0
-        live = _drop_finished(live, cache, start)
+    need = max(len(s.prompt_ids) + -(-s.params.max_tokens // s.block_length) * s.block_length
+               + scratch_slots(s.params.mode, s.block_length, s.params.max_tokens,
+                               s.params.draft_segments) for s in seqs)
+    # every row may be padded to the widest row (stub models check this strictly)
+    engine = Engine(model, EngineConfig(max_num_seqs=len(seqs), max_model_len=2 * need,
+                                        scratch_tokens=need,
+                                        max_num_batched_tokens=10**9), check_context=False)
+    for s in seqs:
+        s.on_step = on_step
+        engine.add_sequence(s)
+    while engine.has_unfinished():
+        engine.step()
+
+
+def forward_rows(model: TriModeModel, cache, steps: list[Step], prefill: bool) -> torch.Tensor:
+    """One packed forward of ``steps`` (row i of ``cache`` runs ``steps[i]``) -> fp32 logits
+    on the CPU: ``[B, V]`` at each row's last real token when ``prefill``, else ``[B, T, V]``
+    (T the widest step; padding rows' tails are garbage)."""
+    hidden, n_valid = _forward(model, cache, steps)
+    if prefill:
+        hidden = hidden[torch.arange(len(steps)), n_valid.to(hidden.device) - 1]
+    return model.logits(hidden).cpu()
 
 
 def _forward(model: TriModeModel, cache, steps: list[Step]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,21 +86,3 @@ def _fused_patterns(steps: list[Step], width: int) -> tuple[torch.Tensor, torch.
         if s.offsets is not None:
             offsets[i, :n] = torch.tensor(s.offsets)
     return attention, offsets
-
-
-def _drop_finished(live: list[Sequence], cache, start: float) -> list[Sequence]:
-    keep = [i for i, s in enumerate(live) if not s.finished]
-    now = time.perf_counter()
-    for s in live:
-        if s.finished and not s.metrics.latency_s:
-            s.metrics.latency_s = now - start
-            if s.verifies:
-                s.metrics.acceptance_length = _acceptance(s)
-    if len(keep) < len(live):
-        cache.select_rows(torch.tensor(keep, dtype=torch.long, device=cache.lengths.device))
-    return [live[i] for i in keep]
-
-
-def _acceptance(seq: Sequence) -> float:
-    """Tokens committed per verify, bonus included (the prefill's seed is not a verify)."""
-    return (seq.metrics.generated_tokens - 1) / seq.verifies

@@ -7,11 +7,13 @@ nothing after the first stop token, never more than ``max_tokens``, never the ma
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from ..outputs import ForwardTrace, RequestMetrics
+from ..outputs import ForwardTrace, RequestMetrics, TokenLogprob
 from ..params import SamplingParams
 
 
@@ -54,6 +56,15 @@ class Sequence:
         self.rollback = 0  # cache slots the loop must drop after this step (spec 5.1 crop)
         self.verifies = 0
         self.strategy = None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self._noted: dict[int, TokenLogprob] = {}
+        # engine bookkeeping: id, arrival time, pool row, tokens already streamed, hook
+        self.request_id: str = ""
+        self.arrival = time.perf_counter()
+        self.row = -1
+        self.emitted = 0
+        self.error: str | None = None
+        self.on_step: Callable[["Sequence"], None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -67,6 +78,8 @@ class Sequence:
         """Append ``tokens`` in order until a stop token or ``max_tokens``; return how many
         were consumed (a stop token counts as generated but is not returned)."""
         used = 0
+        if tokens and self.metrics.ttft_s is None and not self.finished:
+            self.metrics.ttft_s = time.perf_counter() - self.arrival
         for tok in tokens:
             if self.finished:
                 break
@@ -77,10 +90,34 @@ class Sequence:
             if tok in self.stop_ids:
                 self.finish_reason = "stop"
                 break
+            if self.logprobs is not None:
+                noted = self._noted.pop(len(self.generated), None)
+                if noted is None or noted.token_id != tok:
+                    raise RuntimeError(f"internal error: no logprob noted for token {tok} at "
+                                       f"position {len(self.generated)}")
+                self.logprobs.append(noted)
             self.generated.append(tok)
             if len(self.generated) >= self.params.max_tokens:
                 self.finish_reason = "length"
         return used
+
+    def note(self, position: int, logits: torch.Tensor, token: int) -> None:
+        """Remember ``token``'s log-probability under ``logits`` ``[V]`` for generated
+        position ``position`` (used by ``commit`` when logprobs were requested)."""
+        if self.logprobs is None:
+            return
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top: tuple = ()
+        if self.params.logprobs:
+            values, ids = torch.topk(logp, min(self.params.logprobs, logp.shape[-1]))
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        self._noted[position] = TokenLogprob(int(token), float(logp[token]), top)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """End the request now (``abort`` or ``error``) keeping what was committed."""
+        if not self.finished:
+            self.finish_reason = reason
+            self.error = error
 
     def record(self, kind: str, positions: list[int], tokens: list[int]) -> None:
         if self.metrics.trace is not None:

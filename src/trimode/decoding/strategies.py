@@ -22,7 +22,9 @@ from .sequence import Sequence, Step
 
 def ar_token(seq: Sequence, logits: torch.Tensor) -> int:
     """The token the causal logits of the last position choose (greedy or sampled)."""
-    return int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
+    token = int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
+    seq.note(len(seq.generated), logits[-1], token)
+    return token
 
 
 class ARStrategy:
@@ -113,6 +115,7 @@ class DiffusionStrategy:
         self.passes += 1
         for i in chosen:
             self.block[i] = int(cand[i])
+            seq.note(self.offset + i, logits[i], self.block[i])
         return sorted(chosen)
 
 
@@ -184,6 +187,8 @@ class LinearSpecStrategy:
         drafts plus the bonus token, and return them (the cache still holds all L slots)."""
         accepted = self._verified(seq, verify_logits)
         start = len(seq.generated)
+        for j, token in enumerate(accepted):
+            seq.note(start + j, verify_logits[j], token)
         used = seq.commit(accepted)
         seq.record("verify", list(range(start, start + used)), accepted[:used])
         seq.verifies += 1
