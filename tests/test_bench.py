@@ -182,7 +182,7 @@ def test_gsm_symbolic_scorer_on_right_and_wrong_answers():
     assert not score_gsm("I do not know.", dataset, entry)
     assert final_number("total: 1,234.0 apples") == "1234"
     items = load("gsm_symbolic", 2)
-    assert [i.category for i in items] == ["math", "math"] and items[0].prompt == entry["question"]
+    assert [i.category for i in items] == ["gsm_symbolic", "gsm_symbolic"] and items[0].prompt == entry["question"]
     assert items[0].score(f"The answer is {right}.") and not items[0].score(wrong)
 
 

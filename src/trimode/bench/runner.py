@@ -207,8 +207,10 @@ def run_sol(llm, items, ids, block_length, config: BenchConfig) -> list[dict]:
     exact = block_length <= config.sol_exact_max_block
     out = []
     for item, p in zip(items, ids):
+        # rows=8: the exact search predicts up to 8 states per forward (the serial target
+        # and compaction always run one state per forward, as diffusion mode at batch 1)
         r = sol_request(llm.model, p, block_length, config.max_tokens, stop,
-                        llm.config.mask_token_id, config.sol_budget, exact)
+                        llm.config.mask_token_id, config.sol_budget, exact, rows=8)
         out.append({"id": item.id, "category": item.category,
                     "generated_tokens": r.generated_tokens, "serial_nfe": r.serial_nfe,
                     "compaction_nfe": r.compaction_nfe, "exact_nfe": r.exact_nfe,
