@@ -102,7 +102,7 @@ def _sync(llm) -> None:
 def run_batch(llm, items: list[Item], ids: list[list[int]], params: SamplingParams,
               run: Run, score: bool) -> None:
     """Decode one batch; append one record per request and the batch's wall time."""
-    llm.max_batch_size = max(llm.max_batch_size, len(ids))
+    ensure_rows(llm, len(ids))
     first: dict[int, float] = {}
     _sync(llm)
     start = time.perf_counter()
@@ -122,6 +122,18 @@ def run_batch(llm, items: list[Item], ids: list[list[int]], params: SamplingPara
             "latency_s": m.latency_s, "ttft_s": first.get(k, m.latency_s),
             "token_ids": out.token_ids, "text": out.text,
             "correct": item.score(out.text) if score and item.score is not None else None})
+
+
+def ensure_rows(llm, rows: int) -> None:
+    """Give ``llm``'s engine at least ``rows`` KV rows, so a batch of ``rows`` is admitted
+    at once (one batch, not a queue)."""
+    import dataclasses
+
+    from ..engine import Engine
+
+    if llm.engine.config.max_num_seqs < rows:
+        llm.engine = Engine(llm.model, dataclasses.replace(llm.engine.config, max_num_seqs=rows))
+        llm.max_batch_size = rows
 
 
 def _memory_start(llm) -> None:
