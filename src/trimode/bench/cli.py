@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -131,8 +130,6 @@ def run(args) -> int:
         result = suite.benchmark(llm, items, config, log)
     result["dataset"] = args.dataset
     result["model"] = args.model or "embedded SmolLM2-135M-Instruct"
-    result["command"] = "trimode " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("trimode") \
-        else None
     report.print_tables(result, Console(highlight=False, width=160))
     if args.out:
         out = Path(args.out)
