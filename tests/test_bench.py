@@ -256,6 +256,26 @@ def test_bench_cli_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     assert (out / "tokens_per_forward.png").stat().st_size > 0
     assert (out / "tokens_per_s_vs_batch.png").stat().st_size > 0
     assert json.loads((out / "crossover.json").read_text())["modes"]
+    _check_results_page(json.loads((out / "result.json").read_text()))
+
+
+def _check_results_page(result):
+    """benchmarks/make_results.py renders every section from a real result."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import make_results
+
+    result.update(dataset="speed_sample", model="tiny", per_category=1, loadavg_1m=[0.1, 0.2],
+                  minutes=0.1)
+    curve = [{"tokens": 1, "seconds": 0.01, "relative_to_1": 1.0},
+             {"tokens": 8, "seconds": 0.02, "relative_to_1": 2.0}]
+    page = make_results.render(result, curve, "python benchmarks/make_results.py")
+    for heading in ("## Per mode and category", "## Speed of light (spec 7.3)",
+                    "## Batch size, and the crossover", "## Forward cost", "## GPU"):
+        assert heading in page
+    assert "| linear_spec L=4 | all |" in page and "transformers (peer)" in page
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -288,3 +308,21 @@ def test_crossover_picks_the_first_batch_size_from_which_ar_stays_faster():
     c = crossover(sweep)
     assert c["modes"]["linear_spec"]["ar_faster_from_batch_size"] == 4
     assert c["modes"]["diffusion"]["ar_faster_from_batch_size"] is None
+
+
+def test_gpu_benchmark_cpu_path(tmp_path):
+    """The script behind benchmarks/gpu.sh, on a tiny shape on the CPU."""
+    import json
+
+    from trimode.bench.forward_cost import main
+
+    out = tmp_path / "gpu.json"
+    assert main(["--shape", "tiny", "--device", "cpu", "--batch-sizes", "1,2", "--max-tokens", "4",
+                 "--block-length", "4", "--prefix", "8", "--repeats", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["tokens"] for row in r["forward_cost"] if row["batch_size"] == 2] == \
+        [1, 2, 4, 8, 16, 32, 64]
+    assert {(d["mode"], d["batch_size"]) for d in r["decode"]} == \
+        {(m, b) for m in ("ar", "diffusion", "linear_spec", "quadratic_spec") for b in (1, 2)}
+    assert all(d["tokens"] == 4 * d["batch_size"] and d["tokens_per_s"] > 0 for d in r["decode"])
+    assert r["skipped"] == []
