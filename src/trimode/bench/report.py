@@ -45,7 +45,7 @@ def mode_rows(result: dict) -> list[list[str]]:
 MODE_HEADER = ["config", "category", "nfe", "tokens/fwd", "acceptance", "tokens/s", "x peer",
                "ttft s", "p50 s", "p95 s", "accuracy", "= peer"]
 SOL_HEADER = ["block", "category", "serial", "threshold sampler", "linear_spec", "SOL (compaction)",
-              "exact", "SOL / linear_spec"]
+              "exact", "SOL / linear_spec", "SOL per denoise"]
 
 
 def sol_rows(result: dict) -> list[list[str]]:
@@ -58,7 +58,7 @@ def sol_rows(result: dict) -> list[list[str]]:
                          _fmt(s["serial_tokens_per_forward"]),
                          _fmt(s.get("diffusion_tokens_per_forward")), _fmt(ls),
                          _fmt(s["sol_tokens_per_forward"]), _fmt(s["exact_tokens_per_forward"]),
-                         _fmt(ratio)])
+                         _fmt(ratio), _fmt(s["sol_tokens_per_denoise"])])
     return rows
 
 
