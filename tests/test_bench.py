@@ -307,7 +307,12 @@ def test_crossover_picks_the_first_batch_size_from_which_ar_stays_faster():
                "tokens_per_s": v} for b, v in ((1, 30), (4, 50), (16, 170))]
     c = crossover(sweep)
     assert c["modes"]["linear_spec"]["ar_faster_from_batch_size"] == 4
+    assert c["modes"]["linear_spec"]["max_parallel_batch"] == 1
     assert c["modes"]["diffusion"]["ar_faster_from_batch_size"] is None
+    assert c["modes"]["diffusion"]["max_parallel_batch"] == 16
+    slow = [dict(s, tokens_per_s=1) if s["mode"] == "linear_spec" else s for s in sweep]
+    assert crossover(slow)["modes"]["linear_spec"] == {
+        "block_length": 8, "ar_faster_from_batch_size": 1, "max_parallel_batch": 0}
 
 
 def test_gpu_benchmark_cpu_path(tmp_path):

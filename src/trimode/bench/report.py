@@ -116,11 +116,14 @@ def write_crossover(result: dict, path: Path) -> None:
     """``crossover.json``: per parallel mode, the batch size from which ar is faster.
 
     Format: ``{"source", "date", "machine": {device, dtype, cpu, gpu}, "max_tokens",
-    "batch_sizes", "modes": {mode: {"block_length", "ar_faster_from_batch_size"}},
-    "configs": {label: {"mode", "block_length", "tokens_per_s": {batch: tok/s},
-    "ar_faster_from_batch_size"}}, "ar_tokens_per_s": {batch: tok/s}}``.
-    ``ar_faster_from_batch_size`` null: the parallel mode was faster at the largest batch size
-    measured (the crossover lies above it)."""
+    "batch_sizes", "modes": {mode: {"block_length", "ar_faster_from_batch_size",
+    "max_parallel_batch"}}, "configs": {label: {"mode", "block_length", "tokens_per_s":
+    {batch: tok/s}, "ar_faster_from_batch_size", "max_parallel_batch"}}, "ar_tokens_per_s":
+    {batch: tok/s}}``. ``ar_faster_from_batch_size`` null: the parallel mode was faster at the
+    largest batch size measured (the crossover lies above it). ``max_parallel_batch``: the
+    largest measured batch size below the crossover (0: ar was faster at every size), the value
+    for ``engine.AutoPolicy(parallel_mode=mode, max_parallel_batch=...)``. Per mode, the block
+    length is the one fastest at the smallest batch size."""
     m = result["machine"]
     out = {"source": "trimode bench", "date": result["date"],
            "machine": {k: m[k] for k in ("device", "dtype", "cpu", "gpu")},

@@ -162,10 +162,12 @@ def _sol_entry(llm, items, ids, block_length, config, modes) -> dict:
 
 
 def crossover(sweep: list[dict]) -> dict:
-    """Per parallel configuration: the smallest measured batch size from which ``ar``'s
-    tokens/s is at least the configuration's at every larger measured size (None: ar is
-    slower at the largest size measured). Per mode: the block length fastest at the smallest
-    batch size, and its crossover."""
+    """Per parallel configuration: ``ar_faster_from_batch_size``, the smallest measured batch
+    size from which ``ar``'s tokens/s is at least the configuration's at every larger measured
+    size (None: ar is slower at the largest size measured), and ``max_parallel_batch``, the
+    largest measured size below it (0: ar is faster everywhere), which is what
+    ``engine.AutoPolicy.max_parallel_batch`` takes. Per mode: the block length fastest at the
+    smallest batch size, and its numbers."""
     ar = {s["batch_size"]: s["tokens_per_s"] for s in sweep if s["mode"] == "ar"}
     if not ar:
         return {}
@@ -183,6 +185,9 @@ def crossover(sweep: list[dict]) -> dict:
             else:
                 break
         c["ar_faster_from_batch_size"] = start
+        # AutoPolicy.max_parallel_batch: run the parallel mode up to this batch size
+        below = [b for b in sizes if start is None or b < start]
+        c["max_parallel_batch"] = below[-1] if below else 0
         c["tokens_per_s"] = {str(b): v for b, v in sorted(c["tokens_per_s"].items())}
     modes = {}
     for c in configs.values():
@@ -193,7 +198,8 @@ def crossover(sweep: list[dict]) -> dict:
     return {"ar_tokens_per_s": {str(b): v for b, v in sorted(ar.items())},
             "configs": configs,
             "modes": {m: {"block_length": c["block_length"],
-                          "ar_faster_from_batch_size": c["ar_faster_from_batch_size"]}
+                          "ar_faster_from_batch_size": c["ar_faster_from_batch_size"],
+                          "max_parallel_batch": c["max_parallel_batch"]}
                       for m, c in modes.items()}}
 
 
