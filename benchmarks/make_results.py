@@ -17,7 +17,6 @@ there). The defaults take about 20 minutes on a quiet 2-core CPU; raise ``--per-
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sys

@@ -58,7 +58,6 @@ def test_trap_exact_beats_compaction_beats_serial():
 
 
 def test_state_independent_predictions_take_one_forward():
-    table = {}
     pred = lambda blocks: [([Y[i] for i in range(5)], [.9 - .1 * i for i in range(5)])
                            for _ in blocks]
     oracle = BlockOracle(pred, (SEED,) + (MASK,) * 4, MASK, 5, set(), 100)
@@ -294,6 +293,20 @@ def test_bench_cli_bad_flags(argv, message, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_missing_dataset_package_names_the_pip_command(monkeypatch, capsys):
+    import sys
+
+    from trimode.cli import main
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # import fails as if not installed
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--dataset", "gsm_symbolic"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: dataset 'gsm_symbolic' needs a package that is missing")
+    assert "run 'pip install reasoning-gym torch==2.13.0'" in err
 
 
 def test_crossover_picks_the_first_batch_size_from_which_ar_stays_faster():

@@ -108,8 +108,8 @@ def _from_package(name: str, per_category: int | None) -> list[Item]:
         return {"mt_bench": _mt_bench, "humaneval": _humaneval,
                 "gsm_symbolic": _gsm_symbolic}[name](per_category)
     except ImportError as exc:
-        raise ImportError(f"dataset {name!r} needs a package that is missing ({exc.name}): "
-                          f"run '{INSTALL[name]}'") from None
+        raise ImportError(f"dataset {name!r} needs a package that is missing "
+                          f"({exc.name or exc}): run '{INSTALL[name]}'") from None
 
 
 def _mt_bench(per_category: int | None) -> list[Item]:
