@@ -40,17 +40,21 @@ def y(i):
     return Y[i]
 
 
+f = frozenset
+# serial order 1, 3, 4, 2; {1, 2} is off the serial path and a trap for the serial run
+TRAP = {f(): {1: (y(1), .9), 2: (y(2), .8), 3: (X, .5), 4: (X, .1)},
+        f({1}): {3: (y(3), .9), 2: (y(2), .5), 4: (X, .1)},
+        f({1, 3}): {4: (y(4), .9), 2: (y(2), .8)},
+        f({1, 3, 4}): {2: (y(2), .9)},
+        f({1, 2}): {3: (y(3), .9), 4: (y(4), .5)},
+        f({1, 2, 3}): {4: (X, .9)}}
+
+
 def test_trap_exact_beats_compaction_beats_serial():
     """Serial 1,3,4,2 (4 forwards). Committing {1,2} first is a trap for the serial run
     ({1,2,3} then predicts X at 4) but the exact search goes {1,2} -> {3,4}: 2 forwards;
     compaction must keep the serial run valid: {1}, {3}, {2,4}: 3 forwards."""
-    f = frozenset
-    table = {f(): {1: (y(1), .9), 2: (y(2), .8), 3: (X, .5), 4: (X, .1)},
-             f({1}): {3: (y(3), .9), 2: (y(2), .5), 4: (X, .1)},
-             f({1, 3}): {4: (y(4), .9), 2: (y(2), .8)},
-             f({1, 3, 4}): {2: (y(2), .9)},
-             f({1, 2}): {3: (y(3), .9), 4: (y(4), .5)},
-             f({1, 2, 3}): {4: (X, .9)}}
+    table = TRAP
     result = oracle_for(table).run()
     assert result.target == Y and result.end == 5
     assert (result.serial_forwards, result.compaction_forwards, result.exact_forwards) == (4, 3, 2)
@@ -89,13 +93,7 @@ def test_stop_token_ends_the_block_early():
 
 
 def test_budget_falls_back_to_serial_steps():
-    f = frozenset
-    table = {f(): {1: (y(1), .9), 2: (y(2), .8), 3: (X, .5), 4: (X, .1)},
-             f({1}): {3: (y(3), .9), 2: (y(2), .5), 4: (X, .1)},
-             f({1, 3}): {4: (y(4), .9), 2: (y(2), .8)},
-             f({1, 3, 4}): {2: (y(2), .9)},
-             f({1, 2}): {3: (y(3), .9), 4: (y(4), .5)},
-             f({1, 2, 3}): {4: (X, .9)}}
+    table = TRAP
     result = oracle_for(table, budget=1).run()
     assert result.budget_exhausted and result.compaction_forwards == 4
     assert result.exact_forwards == 2  # found among states the serial run had predicted
