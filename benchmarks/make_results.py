@@ -139,7 +139,8 @@ def render(result: dict, curve: list[dict], command: str) -> str:
         "",
         f"Batch size {result['batch_size']} (each request alone). tokens/s = generated tokens / "
         "wall seconds (prefill included); `x peer` = tokens/s over transformers' `generate` on "
-        "the same weights and prompts, run in the same process right after; `= peer` = requests "
+        "the same weights and prompts, in the same process, every mode and the peer taking each "
+        "batch in turn (so all see the same machine load); `= peer` = requests "
         "whose tokens equal the peer's (checked for ar and linear_spec, which must match at "
         "temperature 0). ttft = time to the first committed token. Accuracy: HumanEval by its "
         "execution harness (subprocess, 5 s timeout), gsm_symbolic by reasoning-gym's scorer.",

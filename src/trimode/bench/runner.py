@@ -1,13 +1,17 @@
 """Run a benchmark: every mode configuration over the prompt set, per category and per batch
 size, the transformers peer on the same prompts, and the speed-of-light oracle.
 
-Per category (batches of the smallest batch size, formed within the category): nfe,
+Every configuration and the peer run batch by batch in turn (configuration 1, 2, ..., peer,
+then the next batch), so that on a shared machine all of them see the same load and their
+ratios stay meaningful. Per category (batches of the smallest batch size, formed within the
+category): nfe,
 tokens_per_forward, acceptance_length, tokens/s (generated tokens / wall seconds of the
 category's batches), time to first token (first committed token, from the batch start),
 latency p50/p95 (request end, from the batch start), accuracy where the set has a scorer.
 Per batch size: tokens/s over ``ceil(n / b)`` batches of ``b`` prompts (the prompt list cycled
 to fill the last batch). Peak memory: ``torch.cuda.max_memory_allocated`` per configuration on
-CUDA; on CPU the process's peak resident set size (monotone over the run, so an upper bound).
+CUDA (reset before each batch); on CPU the process's peak resident set size (monotone over the
+run, so an upper bound that does not separate the configurations).
 Greedy decoding (temperature 0) throughout, as the token-equality check and the oracle need.
 """
 
@@ -104,6 +108,7 @@ def run_batch(llm, items: list[Item], ids: list[list[int]], params: SamplingPara
     """Decode one batch; append one record per request and the batch's wall time."""
     ensure_rows(llm, len(ids))
     first: dict[int, float] = {}
+    _memory_start(llm)
     _sync(llm)
     start = time.perf_counter()
 
@@ -114,6 +119,7 @@ def run_batch(llm, items: list[Item], ids: list[list[int]], params: SamplingPara
     outs = llm.generate(ids, params, on_step=on_step)
     _sync(llm)
     run.walls.append(time.perf_counter() - start)
+    run.peak_memory_mb = max(run.peak_memory_mb or 0.0, _memory_peak(llm))
     for k, (item, out) in enumerate(zip(items, outs)):
         m = out.metrics
         run.records.append({
@@ -154,29 +160,16 @@ def by_category(items: list[Item]) -> dict[str, list[int]]:
     return groups
 
 
-def run_categories(llm, items, ids, label, params, batch_size) -> Run:
-    """Every item once, in batches of ``batch_size`` formed within each category (scored)."""
-    run = Run(label, params.mode, params.block_length, batch_size)
-    _memory_start(llm)
-    for category, idx in by_category(items).items():
-        for k in range(0, len(idx), batch_size):
-            part = idx[k : k + batch_size]
-            run_batch(llm, [items[i] for i in part], [ids[i] for i in part], params, run, True)
-    run.peak_memory_mb = _memory_peak(llm)
-    return run
+def category_batches(items: list[Item], batch_size: int) -> list[list[int]]:
+    """Item indices in batches of ``batch_size`` formed within each category, in order."""
+    return [idx[k : k + batch_size] for idx in by_category(items).values()
+            for k in range(0, len(idx), batch_size)]
 
 
-def run_sweep(llm, items, ids, label, params, batch_size) -> Run:
-    """``ceil(n / b)`` full batches of ``b`` prompts, the list cycled (not scored)."""
-    run = Run(label, params.mode, params.block_length, batch_size)
-    total = math.ceil(len(items) / batch_size) * batch_size
-    order = [i % len(items) for i in range(total)]
-    _memory_start(llm)
-    for k in range(0, total, batch_size):
-        part = order[k : k + batch_size]
-        run_batch(llm, [items[i] for i in part], [ids[i] for i in part], params, run, False)
-    run.peak_memory_mb = _memory_peak(llm)
-    return run
+def sweep_batches(n: int, batch_size: int) -> list[list[int]]:
+    """``ceil(n / b)`` full batches of ``b`` indices, ``range(n)`` cycled to fill them."""
+    order = [i % n for i in range(math.ceil(n / batch_size) * batch_size)]
+    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
 
 def summarize(records: list[dict], walls: float | None = None) -> dict:

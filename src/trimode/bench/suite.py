@@ -1,8 +1,9 @@
 """Orchestrates one ``trimode bench`` run and returns its result as one JSON-ready dict.
 
-Order: per configuration, the category run at the smallest batch size (scored), then the
-batch-size sweep; the peer on the same batches; the speed-of-light oracle per diffusion block
-length; ratios, token equality and the crossover batch size. ``log`` receives one line per
+Order: the category batches at the smallest batch size (scored), then the batch-size sweep;
+within each, every configuration and the peer take the same batch in turn before the next
+batch, so that all see the same machine load. Then the speed-of-light oracle per diffusion
+block length; ratios, token equality and the crossover batch size. ``log`` receives one line per
 finished step (the CLI shows it as progress on stderr).
 """
 
@@ -18,8 +19,8 @@ import torch
 from ..params import SamplingParams
 from .datasets import Item
 from .peer import build_peer, peer_generate
-from .runner import (PARALLEL, BenchConfig, Run, by_category, category_walls, configurations,
-                     prompt_ids, run_categories, run_sol, run_sweep, summarize)
+from .runner import (PARALLEL, BenchConfig, Run, by_category, category_batches, category_walls,
+                     configurations, prompt_ids, run_batch, run_sol, summarize, sweep_batches)
 
 
 def benchmark(llm, items: list[Item], config: BenchConfig,
@@ -29,21 +30,33 @@ def benchmark(llm, items: list[Item], config: BenchConfig,
         raise ValueError("the dataset selection holds no items")
     ids = [prompt_ids(llm, item) for item in items]
     b0, sizes = min(config.batch_sizes), sorted(set(config.batch_sizes))
+    confs = configurations(config)
+    peer = Peer(llm, config.max_tokens) if config.peer else None
     llm.generate([ids[0]], SamplingParams(max_tokens=2))  # warm-up
-    modes, sweep = [], []
-    for label, params in configurations(config):
-        run = run_categories(llm, items, ids, label, params, b0)
-        walls = category_walls(run, items, b0)
-        modes.append(_mode_entry(run, items, walls, params))
-        sweep.append(_sweep_entry(run, sum(run.walls)))
-        log(f"{label}: batch {b0}, {modes[-1]['overall']['tokens_per_s']} tokens/s")
-        for b in sizes[1:]:
-            s = run_sweep(llm, items, ids, label, params, b)
-            sweep.append(_sweep_entry(s, sum(s.walls)))
-            log(f"{label}: batch {b}, {sweep[-1]['tokens_per_s']} tokens/s")
-    peer = _peer(llm, items, ids, config, b0, sizes, log) if config.peer else None
-    if peer:
-        _compare_to_peer(modes, sweep, peer, items)
+    runs = {label: Run(label, p.mode, p.block_length, b0) for label, p in confs}
+    for part in category_batches(items, b0):  # interleaved: the same load for everyone
+        for label, params in confs:
+            run_batch(llm, [items[i] for i in part], [ids[i] for i in part], params,
+                      runs[label], True)
+        if peer:
+            peer.batch(items, ids, part, b0, record=True)
+        log(f"batch {b0}: {items[part[0]].category} done")
+    walls = {label: category_walls(run, items, b0) for label, run in runs.items()}
+    modes = [_mode_entry(runs[label], items, walls[label], params) for label, params in confs]
+    sweep = [_sweep_entry(runs[label], sum(runs[label].walls)) for label, _ in confs]
+    for b in sizes[1:]:
+        swept = {label: Run(label, p.mode, p.block_length, b) for label, p in confs}
+        for part in sweep_batches(len(items), b):
+            for label, params in confs:
+                run_batch(llm, [items[i] for i in part], [ids[i] for i in part], params,
+                          swept[label], False)
+            if peer:
+                peer.batch(items, ids, part, b)
+        sweep += [_sweep_entry(swept[label], sum(swept[label].walls)) for label, _ in confs]
+        log(f"batch {b}: " + ", ".join(f"{s['label']} {s['tokens_per_s']}" for s in sweep[-len(confs):]))
+    peer_result = peer.result(items, b0) if peer else None
+    if peer_result:
+        _compare_to_peer(modes, sweep, peer_result, items)
     sol = []
     if config.sol and "diffusion" in config.modes:
         for block_length in config.block_lengths:
@@ -53,7 +66,7 @@ def benchmark(llm, items: list[Item], config: BenchConfig,
                 timespec="seconds"),
             "machine": machine(llm), "config": _config_dict(config), "batch_size": b0,
             "categories": list(by_category(items)), "modes": modes, "batch_sweep": sweep,
-            "peer": peer, "sol": sol, "crossover": crossover(sweep)}
+            "peer": peer_result, "sol": sol, "crossover": crossover(sweep)}
 
 
 def _mode_entry(run: Run, items, walls: dict[str, float], params) -> dict:
@@ -77,40 +90,41 @@ def _sweep_entry(run: Run, wall: float) -> dict:
             "peak_memory_mb": round(run.peak_memory_mb, 1)}
 
 
-def _peer(llm, items, ids, config, b0, sizes, log) -> dict:
-    peer = build_peer(llm)
-    stop = set(llm.config.eos_token_ids)
-    peer_generate(peer, llm, [ids[0]], 2, stop)  # warm-up
-    records, walls = [], {}
-    for category, idx in by_category(items).items():
-        walls[category] = 0.0
-        for k in range(0, len(idx), b0):
-            part = idx[k : k + b0]
-            wall, tokens, counts = peer_generate(peer, llm, [ids[i] for i in part],
-                                                 config.max_tokens, stop)
-            walls[category] += wall
-            records += [{"id": items[i].id, "token_ids": t, "generated_tokens": c}
-                        for i, t, c in zip(part, tokens, counts)]
-    total = sum(r["generated_tokens"] for r in records)
-    sweep = {b0: round(total / sum(walls.values()), 3)}
-    log(f"transformers: batch {b0}, {sweep[b0]} tokens/s")
-    for b in sizes[1:]:
-        order = [i % len(ids) for i in range(-(-len(ids) // b) * b)]
-        tokens = wall = 0
-        for k in range(0, len(order), b):
-            w, _, counts = peer_generate(peer, llm, [ids[i] for i in order[k : k + b]],
-                                         config.max_tokens, stop)
-            tokens, wall = tokens + sum(counts), wall + w
-        sweep[b] = round(tokens / wall, 3)
-        log(f"transformers: batch {b}, {sweep[b]} tokens/s")
-    cats = {}
-    for category, idx in by_category(items).items():
-        n = sum(records[i]["generated_tokens"] for i in idx)
-        cats[category] = {"tokens_per_s": round(n / walls[category], 3)}
-    return {"name": "transformers", "model_class": type(peer).__name__,
-            "dtype": str(llm.model.dtype).replace("torch.", ""),
-            "tokens_per_s": sweep[b0], "categories": cats,
-            "sweep": {str(b): v for b, v in sweep.items()}, "records": records}
+class Peer:
+    """transformers' ``generate`` on the same weights, fed the same batches as the modes."""
+
+    def __init__(self, llm, max_tokens: int):
+        self.llm, self.max_tokens = llm, max_tokens
+        self.model = build_peer(llm)
+        self.stop = set(llm.config.eos_token_ids)
+        self.records: list[dict] = []  # the category batches (smallest batch size)
+        self.walls: dict[str, float] = {}  # per category, smallest batch size
+        self.totals: dict[int, list[float]] = {}  # batch size -> [tokens, seconds]
+        peer_generate(self.model, llm, [[llm.config.bos_token_id or 1]], 2, self.stop)  # warm-up
+
+    def batch(self, items: list[Item], ids: list[list[int]], part: list[int], size: int,
+              record: bool = False) -> None:
+        """One batch of ``size`` (``part``: item indices); ``record``: a category batch."""
+        wall, tokens, counts = peer_generate(self.model, self.llm, [ids[i] for i in part],
+                                             self.max_tokens, self.stop)
+        total = self.totals.setdefault(size, [0, 0.0])
+        total[0], total[1] = total[0] + sum(counts), total[1] + wall
+        if record:
+            category = items[part[0]].category
+            self.walls[category] = self.walls.get(category, 0.0) + wall
+            self.records += [{"id": items[i].id, "category": items[i].category, "token_ids": t,
+                              "generated_tokens": c} for i, t, c in zip(part, tokens, counts)]
+
+    def result(self, items: list[Item], b0: int) -> dict:
+        sweep = {b: round(n / s, 3) for b, (n, s) in sorted(self.totals.items())}
+        cats = {}
+        for category in by_category(items):
+            n = sum(r["generated_tokens"] for r in self.records if r["category"] == category)
+            cats[category] = {"tokens_per_s": round(n / self.walls[category], 3)}
+        return {"name": "transformers", "model_class": type(self.model).__name__,
+                "dtype": str(self.llm.model.dtype).replace("torch.", ""),
+                "tokens_per_s": sweep[b0], "categories": cats,
+                "sweep": {str(b): v for b, v in sweep.items()}, "records": self.records}
 
 
 def _compare_to_peer(modes, sweep, peer, items) -> None:
