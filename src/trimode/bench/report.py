@@ -174,6 +174,9 @@ def plot(result: dict, directory: Path) -> list[Path]:
         ax.plot(*zip(*points), marker="o", label=label,
                 linestyle="--" if "peer" in label else "-")
     ax.set_xscale("log", base=2)
+    sizes = sorted({b for points in lines.values() for b, _ in points})
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("batch size")
     ax.set_ylabel("tokens/s")
     ax.set_title("tokens/s against batch size")
