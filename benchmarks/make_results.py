@@ -10,7 +10,7 @@ curve, writes the plots (``tokens_per_forward.png``, ``tokens_per_s_vs_batch.png
 ``forward_cost.png``) and ``crossover.json`` next to this file and the full result to
 ``benchmarks/out/result.json``, then rewrites RESULTS.md and appends every
 ``benchmarks/sections/*.md`` verbatim, in name order (other benchmarks write their sections
-there). The defaults take about 20 minutes on a quiet 2-core CPU; raise ``--per-category`` and
+there; ``--sections-only`` re-appends them without running anything). The defaults take about 20 minutes on a quiet 2-core CPU; raise ``--per-category`` and
 ``--max-tokens`` for bigger runs.
 """
 
@@ -46,14 +46,32 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads (default: 1 when the load average exceeds the cores, "
                    "else all cores; a contended OpenMP region waits for a descheduled worker)")
     p.add_argument("--no-forward-cost", action="store_true")
+    p.add_argument("--sections-only", action="store_true",
+                   help="run nothing: keep the generated part of RESULTS.md and re-append the "
+                   "current benchmarks/sections/*.md (after another benchmark wrote its section)")
     p.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
     p.add_argument("--out-dir", default=str(HERE),
                    help="where RESULTS.md, the plots and crossover.json go (default: benchmarks/)")
     return p.parse_args(argv)
 
 
+MARKER = "<!-- generated above; below, benchmarks/sections/*.md appended verbatim in name order -->"
+
+
+def with_sections(generated: str) -> str:
+    text = generated.rstrip() + "\n\n" + MARKER + "\n"
+    for section in sorted((HERE / "sections").glob("*.md")):
+        text += "\n" + section.read_text().rstrip() + "\n"
+    return text
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sections_only:
+        path = Path(args.out_dir) / "RESULTS.md"
+        generated = path.read_text().split(MARKER)[0]
+        path.write_text(with_sections(generated))
+        return 0
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
     cores = os.cpu_count() or 1
@@ -83,10 +101,7 @@ def main(argv=None) -> int:
     result["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     result["minutes"] = round((time.perf_counter() - start) / 60, 1)
     command = "python benchmarks/make_results.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
-    text = render(result, curve, command)
-    for section in sorted((HERE / "sections").glob("*.md")):
-        text += "\n" + section.read_text().rstrip() + "\n"
-    (target / "RESULTS.md").write_text(text)
+    (target / "RESULTS.md").write_text(with_sections(render(result, curve, command)))
     print(report.json_line(result))
     print(f"wrote {target / 'RESULTS.md'} in {result['minutes']} min", file=sys.stderr)
     return 0

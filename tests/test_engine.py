@@ -211,22 +211,34 @@ def test_kv_cache_memory_caps_the_rows(model):
 
 
 def test_auto_picks_the_configured_modes_by_load(model):
+    """The load a request joins is running + waiting (itself included): a quiet engine gets
+    the parallel mode, a burst beyond max_parallel_batch gets ar; each output equals its
+    chosen mode alone."""
     policy = AutoPolicy(parallel_mode="diffusion", max_parallel_batch=2)
     engine = Engine(model, EngineConfig(max_num_seqs=8, auto=policy))
     auto = SamplingParams(mode="auto", max_tokens=6, block_length=3)
-    ids = [engine.add_request([5 + k, 6], auto) for k in range(5)]
-    engine.step()
+    first = engine.add_request([5, 6], auto)
+    engine.step()  # load 1
+    second = engine.add_request([6, 7], auto)
+    engine.step()  # load 2
+    burst = [engine.add_request([7 + k, 6], auto) for k in range(4)]
+    engine.step()  # load 6
+    ids = [first, second] + burst
     modes = [engine.output(r).params.mode for r in ids]
-    assert modes == ["diffusion", "diffusion", "ar", "ar", "ar"]
+    assert modes == ["diffusion", "diffusion", "ar", "ar", "ar", "ar"]
     while engine.has_unfinished():
         engine.step()
-    for r, mode in zip(ids, modes):  # each equals its chosen mode alone
+    for r, mode in zip(ids, modes):
         seq = engine.output(r)
         assert seq.generated == alone(model, seq.prompt_ids,
                                       SamplingParams(mode=mode, max_tokens=6, block_length=3))[0]
     late = engine.add_request([9, 9], auto)  # the load has dropped again
     engine.step()
     assert engine.output(late).params.mode == "diffusion"
+    never = Engine(model, EngineConfig(auto=AutoPolicy(max_parallel_batch=0)))
+    r = never.add_request([5], auto)
+    never.step()
+    assert never.output(r).params.mode == "ar"
     with pytest.raises(ValueError, match="parallel_mode"):
         AutoPolicy(parallel_mode="ar")
 
@@ -351,3 +363,47 @@ def test_a_failing_forward_ends_only_its_requests(tiny_llm):
     assert engine.output(b).finish_reason in ("stop", "length")
     assert engine.output(b).generated == alone(real, [7, 8], SamplingParams(max_tokens=4))[0]
     assert engine.pool.live == 0
+
+
+def test_ragged_rows_equal_each_row_alone(model):
+    """A packed forward whose rows have different lengths (projections skip the padding)
+    gives every row the hidden states and KV it gets alone."""
+    torch.manual_seed(0)
+    prefixes = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    rows = [([20, 21, 22, 23, 24], True), ([25], False), ([26, 27, 28], True)]
+    packed = model.new_cache(3, 32)
+    width = max(len(p) for p in prefixes)
+    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prefixes])
+    model(tokens, packed, torch.tensor([len(p) for p in prefixes]))
+    width = max(len(r) for r, _ in rows)
+    tokens = torch.tensor([r + [0] * (width - len(r)) for r, _ in rows])
+    bidi = torch.tensor([b for _, b in rows])
+    hidden = model(tokens, packed, torch.tensor([len(r) for r, _ in rows]), bidi, write=True)
+    for i, (prefix, (row, b)) in enumerate(zip(prefixes, rows)):
+        alone_cache = model.new_cache(1, 32)
+        model(torch.tensor([prefix]), alone_cache)
+        want = model(torch.tensor([row]), alone_cache, bidirectional=b)
+        torch.testing.assert_close(hidden[i, : len(row)], want[0], atol=1e-5, rtol=0)
+        n = len(prefix) + len(row)
+        assert int(packed.lengths[i]) == n
+        for layer in range(len(packed.keys)):
+            torch.testing.assert_close(packed.keys[layer][i, :, :n], alone_cache.keys[layer][0, :, :n],
+                                       atol=1e-5, rtol=0)
+
+
+def test_prefix_sharing_copies_kv_and_keeps_outputs(model):
+    """Requests sharing a long prompt prefix with a running one prefill only their suffix;
+    outputs and the pool stay exactly as without sharing."""
+    system = list(range(30, 70))  # a 40-token shared "system prompt"
+    prompts = [system + [5, 6], system + [7], system + [8, 9, 10], system[:10] + [11]]
+    params = [SamplingParams(mode=m, max_tokens=6, block_length=3)
+              for m in ("ar", "linear_spec", "diffusion", "ar")]
+    expected = [alone(model, p, s)[0] for p, s in zip(prompts, params)]
+    engine = Engine(model, EngineConfig(max_num_seqs=4))
+    out = run_engine(engine, [(0, prompts[0], params[0])] +
+                     [(2, p, s) for p, s in zip(prompts[1:], params[1:])], check_pool_exact(model))
+    assert [out[k].generated for k in range(4)] == expected
+    assert engine.shared_prefix_tokens == 2 * 40  # the 10-token overlap is below the minimum
+    off = Engine(model, EngineConfig(max_num_seqs=4, min_shared_prefix=0))
+    run_engine(off, [(0, prompts[0], params[0]), (2, prompts[1], params[1])])
+    assert off.shared_prefix_tokens == 0

@@ -51,7 +51,8 @@ class ForwardBatch:
     ``positions`` ``[B, T]``: absolute position of each query (row length + offset).
     ``write_index``: (row, slot) pairs where this call's keys/values are stored.
     ``mask`` ``[B, 1, T, S]`` bool: which of the first ``S`` cache slots each query may see.
-    ``adapter_rows`` ``[B, T, 1]`` float or None: 1.0 where the draft adapter is on.
+    ``adapter_rows`` ``[B, T, 1]`` float or None: 1.0 where the draft adapter is on
+    (``[N, 1]`` over the real tokens when ``real`` is set).
     """
 
     cache: KVCache
@@ -59,6 +60,7 @@ class ForwardBatch:
     mask: torch.Tensor
     adapter_rows: torch.Tensor | None
     write_index: tuple[torch.Tensor, torch.Tensor]
+    real: torch.Tensor | None = None  # [B, T] bool when rows are ragged (see model.py)
 
 
 def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: torch.Tensor,

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .params import MODES, SamplingParams
+from .server.cli import add_serve_parser
 from .visual import MASK_GLYPH, LiveView
 
 DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
@@ -117,7 +118,8 @@ def build_parser() -> Parser:
     parser = Parser(prog="trimode", description="Generate with a tri-mode diffusion LM "
                     "in ar, diffusion, linear_spec or quadratic_spec mode.", epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,bench}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{generate,chat,serve,bench}")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt",
                          description="Answer one prompt and print the text (stdout); a metrics "
                          "summary goes to stderr.")
@@ -128,6 +130,7 @@ def build_parser() -> Parser:
                    description="Multi-turn chat reading one user turn per stdin line. "
                    "/reset clears the history, /exit or end of input quits. Exits 2 if a "
                    "turn failed.")
+    add_serve_parser(sub, threshold_arg)
     from .bench.cli import add_parser as add_bench
 
     add_bench(sub)
@@ -265,6 +268,10 @@ def one_line(exc: BaseException) -> str:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from .server.cli import serve
+
+        return serve(args)
     if args.command == "bench":
         from .bench.cli import run as bench
 

@@ -66,6 +66,17 @@ class ModelConfig:
     model_type: str = "nemotron_labs_diffusion"
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CheckpointError(f"{name} must be an integer >= 1; got {value!r}")
+        if not (self.rms_norm_eps > 0 and self.rms_norm_eps < 1):
+            raise CheckpointError(f"rms_norm_eps must be in (0, 1); got {self.rms_norm_eps!r}")
+        if self.mask_token_id is not None and self.mask_token_id in self.eos_token_ids:
+            raise CheckpointError(f"mask_token_id {self.mask_token_id} must differ from the EOS "
+                                  f"ids {list(self.eos_token_ids)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -104,12 +115,16 @@ class ModelConfig:
                 mask_token_id=_optional_int(raw.get("mask_token_id")),
                 bos_token_id=_optional_int(raw.get("bos_token_id")),
                 eos_token_ids=_id_tuple(raw.get("eos_token_id")),
-                block_size=int(raw.get("block_size") or 32),
+                block_size=int(32 if raw.get("block_size") is None else raw["block_size"]),
                 layout=layout,
                 model_type=model_type,
             )
         except KeyError as exc:
             raise CheckpointError(f"{source}: missing field {exc.args[0]!r}") from None
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
+        except (TypeError, ValueError, ZeroDivisionError) as exc:
+            raise CheckpointError(f"{source}: {_bad_field(raw)}") from exc
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -127,9 +142,37 @@ class ModelConfig:
         """Merge EOS ids from ``generation_config.json`` (spec 9.1), if present."""
         if not path.exists():
             return self
-        extra = _id_tuple(json.loads(path.read_text()).get("eos_token_id"))
+        try:
+            extra = _id_tuple(json.loads(path.read_text()).get("eos_token_id"))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: eos_token_id must be an integer or a list of "
+                                  f"integers ({exc})") from None
         merged = tuple(dict.fromkeys(self.eos_token_ids + extra))
         return _replace(self, eos_token_ids=merged)
+
+
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+               "mask_token_id", "bos_token_id", "block_size", "sliding_window")
+
+
+def _bad_field(raw: dict[str, Any]) -> str:
+    """Name the first config field whose value cannot be read."""
+    for key in _INT_FIELDS:
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            return f"{key} must be an integer; got {value!r}"
+    eos = raw.get("eos_token_id")
+    if eos is not None and not all(isinstance(v, int) and not isinstance(v, bool)
+                                   for v in (eos if isinstance(eos, list) else [eos])):
+        return f"eos_token_id must be an integer or a list of integers; got {eos!r}"
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key} must be a number; got {value!r}"
+    return "a field has a value of the wrong type (rope_parameters / rope_scaling?)"
 
 
 def _replace(config: ModelConfig, **changes: Any) -> ModelConfig:

@@ -52,8 +52,9 @@ PARALLEL_MODES = ("diffusion", "linear_spec", "quadratic_spec")
 class AutoPolicy:
     """How ``mode="auto"`` picks a mode when a request is admitted.
 
-    The request runs ``parallel_mode`` while the batch it joins (running requests, itself
-    included) has at most ``max_parallel_batch`` requests, and ``ar`` beyond that: parallel
+    The request runs ``parallel_mode`` while the load it joins (running requests plus the
+    waiting queue, itself included, capped at the pool's rows) is at most
+    ``max_parallel_batch``, and ``ar`` beyond that: parallel
     decoding pays while forwards are memory-bound and stops paying once the batch fills the
     device. The switch point is the crossover batch size measured by ``trimode bench`` /
     ``benchmarks/bench_engine.py`` on the target machine (0 = always ``ar``). The choice is
@@ -92,6 +93,9 @@ class EngineConfig:
     max_num_batched_tokens: query tokens per step: the prompts prefilled in one step plus
         the widest step of every running request must fit; a prompt longer than this is
         rejected.
+    min_shared_prefix: a new request whose prompt shares at least this many leading tokens
+        with a running request's prompt copies their KV instead of recomputing it (prefix
+        sharing); 0 turns it off.
     auto: the policy for ``mode="auto"``.
     """
 
@@ -100,6 +104,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     max_num_batched_tokens: int = 8192
     scratch_tokens: int = 256
+    min_shared_prefix: int = 16
     auto: AutoPolicy = field(default_factory=AutoPolicy)
 
     def __post_init__(self) -> None:
@@ -109,6 +114,7 @@ class EngineConfig:
             _check_int("max_model_len", self.max_model_len, 1)
         if self.kv_cache_memory is not None:
             _check_int("kv_cache_memory", self.kv_cache_memory, 1)
+        _check_int("min_shared_prefix", self.min_shared_prefix, 0)
         if not isinstance(self.auto, AutoPolicy):
             raise ValueError(f"auto must be an AutoPolicy; got {self.auto!r}")
 
@@ -174,6 +180,7 @@ class Engine:
         self._ids = itertools.count()
         self.steps = 0
         self.forwards = 0
+        self.shared_prefix_tokens = 0  # prompt tokens whose prefill prefix sharing saved
 
     # ------------------------------------------------------------------ requests
 
@@ -240,7 +247,8 @@ class Engine:
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "kv_rows_used": self.pool.live, "kv_rows_total": self.pool.rows,
                 "kv_tokens_used": self.pool.used_positions(),
-                "kv_tokens_total": self.pool.rows * self.max_model_len}
+                "kv_tokens_total": self.pool.rows * self.max_model_len,
+                "shared_prefix_tokens": self.shared_prefix_tokens}
 
     def output(self, request_id: str) -> Sequence:
         return self.requests[request_id]
@@ -261,7 +269,9 @@ class Engine:
         admitted = self._admit()
         if admitted:
             start = admitted[0].row
-            self._run([Step(s.prompt_ids, "prefill") for s in admitted], admitted, start, prefill=True)
+            shared = [self._share_prefix(s) for s in admitted]
+            self._run([Step(s.prompt_ids[n:], "prefill") for s, n in zip(admitted, shared)],
+                      admitted, start, prefill=True)
             touched.update((s.request_id, s) for s in admitted)
         decoding = [s for s in self.running if not s.finished and s not in admitted]
         if decoding:
@@ -278,7 +288,10 @@ class Engine:
         while self.waiting and self.pool.live < self.pool.rows:
             seq = self.waiting[0]
             if seq.params.mode == "auto":
-                mode = self.config.auto.choose(len(self.running) + 1)
+                # the load it joins: everyone running plus the queue (itself included), so
+                # a burst of arrivals is seen as the batch it is about to become
+                load = min(len(self.running) + len(self.waiting), self.pool.rows)
+                mode = self.config.auto.choose(load)
                 resolved = self._sequence(seq.prompt_ids, replace(seq.params, mode=mode), seq)
             else:
                 resolved = seq
@@ -295,13 +308,40 @@ class Engine:
             budget -= need
         return admitted
 
+    def _share_prefix(self, seq: Sequence) -> int:
+        """Prefix sharing: copy the KV of the longest prompt prefix (>= ``min_shared_prefix``
+        tokens) that another live row already holds into ``seq``'s row; returns how many
+        prompt tokens need no prefill. Keys depend only on the tokens before them (causal
+        prefill and commit passes), so the copy is the prefill's own result up to fp32
+        summation order."""
+        if not self.config.min_shared_prefix:
+            return 0
+        prompt, best, source = seq.prompt_ids, 0, -1
+        for other in self.running:
+            if other.metrics.nfe == 0:
+                continue  # admitted in this step (seq itself included): no KV yet
+            limit = min(len(prompt) - 1, int(self.pool.cache.lengths[other.row]),
+                        len(other.prompt_ids))
+            n = 0
+            while n < limit and other.prompt_ids[n] == prompt[n]:
+                n += 1
+            if n > best:
+                best, source = n, other.row
+        if best < self.config.min_shared_prefix:
+            return 0
+        cache = self.pool.cache
+        for buf in (*cache.keys, *cache.values):
+            buf[seq.row, :, :best] = buf[source, :, :best]
+        cache.lengths[seq.row] = best
+        self.shared_prefix_tokens += best
+        return best
+
     def _run(self, steps: list[Step], seqs: list[Sequence], start: int, prefill: bool) -> None:
         view = self.pool.view(start, start + len(seqs))
         assert [s.row for s in seqs] == list(range(start, start + len(seqs)))
         try:
             logits = forward_rows(self.model, view, steps, prefill)
-            rows = logits if prefill else [logits[i, : len(s.tokens)] for i, s in enumerate(steps)]
-            bad = [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in rows]
+            bad = [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in logits]
         except Exception as exc:  # a failed forward ends its requests, never the engine
             log.exception("forward failed")
             for s in seqs:
@@ -320,7 +360,7 @@ class Engine:
                     seq.strategy = STRATEGIES[seq.params.mode]()
                     seq.strategy.start(seq, logits[i : i + 1])
                 else:
-                    seq.strategy.update(seq, logits[i, : len(step.tokens)])
+                    seq.strategy.update(seq, logits[i])
             except Exception as exc:
                 log.exception("request %s failed", seq.request_id)
                 seq.finish("error", f"{type(exc).__name__}: {exc}")

@@ -58,6 +58,9 @@ class LLM:
             model = default_model_dir(progress=progress)
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
+        device = _check_device(device)
         self.model, ckpt = load_model(model, dtype=dtype, device=device)
         self.config = self.model.config
         self.tokenizer = Tokenizer.load(ckpt.directory, ckpt.gguf_file, self.config.mask_token_id,
@@ -83,6 +86,7 @@ class LLM:
         Raises ValueError for empty prompts, ids outside the vocabulary or equal to the mask
         id, a params list of the wrong length, or a mode the checkpoint cannot run.
         """
+        prompts = _as_id_list(prompts)
         if not isinstance(prompts, (str, list, tuple)):
             raise ValueError(f"prompts must be a string, a list of token ids, or a list of "
                              f"those; got {prompts!r}")
@@ -101,6 +105,7 @@ class LLM:
         return self._run(ids, [None] * len(ids), params, on_step)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        prompt = _as_id_list(prompt)
         if not isinstance(prompt, (str, list, tuple)):
             raise ValueError(f"prompt must be a string or a list of token ids; got {prompt!r}")
         if isinstance(prompt, str):
@@ -194,8 +199,32 @@ class StreamChunk:
 
 
 def _is_single(prompts) -> bool:
-    return isinstance(prompts, str) or (isinstance(prompts, list) and prompts != []
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
                                         and all(isinstance(x, int) for x in prompts))
+
+
+def _as_id_list(prompt):
+    """numpy arrays and torch tensors of integer ids -> (nested) lists; others unchanged."""
+    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+        if not hasattr(prompt, "tolist"):
+            return prompt
+        kind = str(getattr(prompt, "dtype", ""))
+        if "int" not in kind:
+            raise ValueError(f"token-id prompts must hold integers; got dtype {kind}")
+        return prompt.tolist()
+    return prompt
+
+
+def _check_device(device):
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; use 'cpu'")
+    return device
 
 
 def _per_prompt(params, n: int) -> list[SamplingParams]:

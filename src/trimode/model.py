@@ -65,11 +65,23 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.heads * self.head_dim, d)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple) -> torch.Tensor:
-        b, t, _ = x.shape
+        """``x`` ``[B, T, d]``, or ``[N, d]`` real tokens only when ``batch.real`` is set
+        (ragged rows: projections skip the padding; attention runs on the padded layout)."""
+        real = batch.real
+        b, t = batch.positions.shape
         ad = batch.adapter_rows
-        q = self.q_proj(x, ad).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x, ad).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x, ad).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+
+        def heads(proj: Linear, n: int) -> torch.Tensor:
+            y = proj(x, ad)
+            if real is not None:
+                dense = y.new_zeros(b, t, y.shape[-1])
+                dense[real] = y
+                y = dense
+            return y.view(b, t, n, self.head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj, self.heads)
+        k = heads(self.k_proj, self.kv_heads)
+        v = heads(self.v_proj, self.kv_heads)
         cos, sin, q_scale = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if q_scale is not None:
@@ -83,7 +95,8 @@ class Attention(nn.Module):
         values = cache.values[self.layer][:, :, :span]
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask,
                                            enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1), ad)
+        o = o.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(o if real is None else o[real], ad)
 
 
 class MLP(nn.Module):
@@ -176,11 +189,22 @@ class TriModeModel(nn.Module):
                                     None if attention is None else attention.to(device),
                                     None if offsets is None else offsets.to(device))
         rope = self.rotary(batch.positions, self.dtype)
-        h = self.encoder.embed_tokens(tokens)
+        real = None
+        if int(n_valid.sum()) < b * t:  # ragged rows: every linear layer skips the padding
+            real = torch.arange(t, device=device)[None, :] < n_valid[:, None]
+            batch.real = real
+            if adapter_rows is not None:
+                batch.adapter_rows = adapter_rows[real]
+        h = self.encoder.embed_tokens(tokens if real is None else tokens[real])
         for layer in self.encoder.layers:
             h = layer(h, batch, rope)
         cache.lengths = cache.lengths + torch.where(write, n_valid, torch.zeros_like(n_valid))
-        return self.encoder.norm(h)
+        h = self.encoder.norm(h)
+        if real is not None:
+            dense = h.new_zeros(b, t, h.shape[-1])
+            dense[real] = h
+            h = dense
+        return h
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,11 @@ class Tokenizer:
 def _check_messages(messages: list[dict]) -> None:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-    for m in messages:
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"each message needs 'role' and 'content'; got {m!r}")
+        if not isinstance(m["role"], str) or not m["role"]:
+            raise ValueError(f"messages[{i}].role must be a non-empty string; got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}].content must be a string; got "
+                             f"{type(m['content']).__name__}")

@@ -41,14 +41,18 @@ def decode(model: TriModeModel, seqs: list[Sequence],
         engine.step()
 
 
-def forward_rows(model: TriModeModel, cache, steps: list[Step], prefill: bool) -> torch.Tensor:
+def forward_rows(model: TriModeModel, cache, steps: list[Step],
+                 prefill: bool) -> torch.Tensor | list[torch.Tensor]:
     """One packed forward of ``steps`` (row i of ``cache`` runs ``steps[i]``) -> fp32 logits
-    on the CPU: ``[B, V]`` at each row's last real token when ``prefill``, else ``[B, T, V]``
-    (T the widest step; padding rows' tails are garbage)."""
+    on the CPU: ``[B, V]`` at each row's last real token when ``prefill``, else one
+    ``[len(steps[i].tokens), V]`` tensor per row. The LM head runs on real tokens only,
+    never on a short row's padding."""
     hidden, n_valid = _forward(model, cache, steps)
     if prefill:
-        hidden = hidden[torch.arange(len(steps)), n_valid.to(hidden.device) - 1]
-    return model.logits(hidden).cpu()
+        return model.logits(hidden[torch.arange(len(steps)), n_valid.to(hidden.device) - 1]).cpu()
+    real = torch.arange(hidden.shape[1])[None, :] < n_valid[:, None]
+    logits = model.logits(hidden[real.to(hidden.device)]).cpu()
+    return list(torch.split(logits, n_valid.tolist()))
 
 
 def _forward(model: TriModeModel, cache, steps: list[Step]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,69 @@
+"""Prometheus metrics for ``GET /metrics`` (prometheus_client, one registry per app).
+
+Counters by mode: requests (by HTTP status), prompt and generated tokens, nfe. Histograms
+by mode: tokens_per_forward and acceptance_length per choice, time to first token and
+end-to-end latency (seconds). Gauges read from ``engine.stats()`` at scrape time: running
+and waiting requests (the queue), KV rows and KV tokens in use and in total.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+TPF_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
+ACCEPT_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
+TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+STATS = {"running": "requests being decoded", "waiting": "requests queued for a batch slot",
+         "kv_rows_used": "KV pool rows in use", "kv_rows_total": "KV pool rows",
+         "kv_tokens_used": "KV pool token slots in use", "kv_tokens_total": "KV pool token slots"}
+
+
+class _EngineStats:
+    """Collector: one gauge per ``engine.stats()`` key, read when scraped."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        for key, text in STATS.items():
+            if key in stats:
+                gauge = GaugeMetricFamily(f"trimode_{key}", text)
+                gauge.add_metric([], float(stats[key]))
+                yield gauge
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("trimode_requests", "HTTP requests by mode and status",
+                                ["endpoint", "mode", "status"], registry=r)
+        self.prompt_tokens = Counter("trimode_prompt_tokens", "prompt tokens", ["mode"], registry=r)
+        self.generation_tokens = Counter("trimode_generation_tokens", "tokens returned",
+                                         ["mode"], registry=r)
+        self.nfe = Counter("trimode_nfe", "model forwards taken part in", ["mode"], registry=r)
+        self.tokens_per_forward = Histogram("trimode_tokens_per_forward", "per choice",
+                                            ["mode"], buckets=TPF_BUCKETS, registry=r)
+        self.acceptance_length = Histogram("trimode_acceptance_length",
+                                           "per choice (speculative modes)", ["mode"],
+                                           buckets=ACCEPT_BUCKETS, registry=r)
+        self.ttft = Histogram("trimode_time_to_first_token_seconds", "first text sent",
+                              ["mode"], buckets=TIME_BUCKETS, registry=r)
+        self.latency = Histogram("trimode_e2e_latency_seconds", "request start to end",
+                                 ["mode"], buckets=TIME_BUCKETS, registry=r)
+        r.register(_EngineStats(engine))
+
+    def choice(self, mode: str, n_tokens: int, metrics) -> None:
+        """Record one finished choice; ``metrics`` is the engine's RequestMetrics or None."""
+        self.generation_tokens.labels(mode).inc(n_tokens)
+        if metrics is None:
+            return
+        self.nfe.labels(mode).inc(metrics.nfe)
+        if metrics.nfe:
+            self.tokens_per_forward.labels(mode).observe(metrics.tokens_per_forward)
+        if metrics.acceptance_length is not None:
+            self.acceptance_length.labels(mode).observe(metrics.acceptance_length)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
