@@ -12,10 +12,11 @@ is reported; tokens/s = generated tokens / wall time (prefill included). The loa
 before and after is recorded: on a shared machine it matters more than anything else.
 
     python benchmarks/bench_ar.py [--max-tokens 64] [--batch-sizes 1,8] [--repeats 3]
-                                  [--out benchmarks/RESULTS.md]
+                                  [--out benchmarks/sections/20-ar-vs-transformers.md]
 
 Prints a table and a final JSON line, and rewrites the "ar vs transformers generate" section
-of ``--out`` (other sections are kept).
+of ``--out`` (other sections are kept); ``benchmarks/make_results.py`` appends that file to
+RESULTS.md. The peer is ``trimode.bench.peer.build_peer`` (shared with ``trimode bench``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,8", help="comma-separated, each <= %d" % len(PROMPTS))
     p.add_argument("--repeats", type=int, default=3, help="timed runs per config (median)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--out", default="benchmarks/RESULTS.md", help="results file ('' to skip)")
+    p.add_argument("--out", default="benchmarks/sections/20-ar-vs-transformers.md",
+                   help="section file ('' to skip)")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not args.batch_sizes or any(not 1 <= b <= len(PROMPTS) for b in args.batch_sizes):
@@ -74,40 +76,10 @@ def load_trimode():
 
 
 def build_peer(llm):
-    """transformers LlamaForCausalLM with trimode's geometry and trimode's very tensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers causal LM with trimode's geometry and trimode's very tensors."""
+    from trimode.bench.peer import build_peer as shared
 
-    c = llm.model.config
-    if c.rope.rope_type != "default" or c.rope.llama_4_scaling_beta is not None:
-        raise SystemExit("the peer is a plain Llama: default RoPE only")
-    config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
-        rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope.theta},
-        tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id,
-        eos_token_id=list(c.eos_token_ids) or None, pad_token_id=(c.eos_token_ids or (0,))[0],
-        attention_bias=False, mlp_bias=False, hidden_act="silu",
-        attn_implementation="sdpa", dtype=torch.float32)
-    with torch.device("meta"):
-        peer = LlamaForCausalLM(config)
-    state = {}
-    for name, t in llm.model.state_dict().items():
-        if name.startswith("encoder."):
-            state["model." + name[len("encoder."):]] = t
-        elif name == "diffusion_head.weight" and not c.tie_word_embeddings:
-            state["lm_head.weight"] = t
-    if c.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing, unexpected = peer.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if "rotary_emb" not in m]
-    if missing or unexpected:
-        raise SystemExit(f"peer state dict mismatch: missing {missing}, unexpected {unexpected}")
-    peer.model.rotary_emb = type(peer.model.rotary_emb)(config=config)  # off the meta device
-    if c.tie_word_embeddings:
-        peer.tie_weights()
-    return peer.float().eval()
+    return shared(llm).float()
 
 
 def peer_generation_config(llm, max_tokens: int):
@@ -306,10 +278,10 @@ def write_results(path: Path, result: dict, table: str) -> None:
         "(other jobs share this machine; above ~2 the timings are dominated by CPU contention).",
         "",
     ])
-    text = path.read_text() if path.exists() else "# trimode benchmarks\n\n"
+    text = path.read_text() if path.exists() else ""
     start = text.find(SECTION + "\n")
     if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
     else:
         end = text.find("\n## ", start + len(SECTION))
         text = text[:start] + section + (text[end + 1:] if end >= 0 else "")

@@ -76,22 +76,11 @@ def run_modes(llm, max_tokens: int, block_length: int) -> list[dict]:
 
 def forward_cost(model, prefix: int = 128, widths=(1, 2, 4, 8, 16, 24, 32, 48, 64, 72),
                  repeats: int = 7) -> list[dict]:
-    """Median seconds of one read-only forward of ``width`` tokens after ``prefix`` cached."""
-    cache = model.new_cache(1, prefix + max(widths) + 1)
-    model(torch.randint(100, 1000, (1, prefix)), cache)
-    rows = []
-    for width in widths:
-        tokens = torch.randint(100, 1000, (1, width))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.logits(model(tokens, cache, write=False))
-            times.append(time.perf_counter() - start)
-        rows.append({"tokens": width, "seconds": round(statistics.median(times), 5)})
-    one = rows[0]["seconds"]
-    for r in rows:
-        r["relative_to_1"] = round(r["seconds"] / one, 3)
-    return rows
+    """Median seconds of one read-only forward of ``width`` tokens after ``prefix`` cached
+    (``trimode.bench.forward_cost``, shared with ``make_results.py`` and ``gpu.sh``)."""
+    from trimode.bench.forward_cost import forward_cost as shared
+
+    return shared(model, prefix, widths, 1, repeats)
 
 
 def plot(curve: list[dict], path: Path) -> None:

@@ -118,7 +118,8 @@ def build_parser() -> Parser:
     parser = Parser(prog="trimode", description="Generate with a tri-mode diffusion LM "
                     "in ar, diffusion, linear_spec or quadratic_spec mode.", epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{generate,chat,serve,bench}")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt",
                          description="Answer one prompt and print the text (stdout); a metrics "
                          "summary goes to stderr.")
@@ -130,6 +131,9 @@ def build_parser() -> Parser:
                    "/reset clears the history, /exit or end of input quits. Exits 2 if a "
                    "turn failed.")
     add_serve_parser(sub, threshold_arg)
+    from .bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 
@@ -268,6 +272,10 @@ def _main(argv: list[str] | None) -> int:
         from .server.cli import serve
 
         return serve(args)
+    if args.command == "bench":
+        from .bench.cli import run as bench
+
+        return bench(args)
     params = sampling_params(args)
     stderr = Console(stderr=True, highlight=False)
     prompt = None
