@@ -30,18 +30,26 @@ class LLM:
     model: a checkpoint directory, a ``.gguf`` file, a hub id in the local cache, or None
         for the embedded SmolLM2-135M-Instruct (converted on first use).
     dtype / device: default fp32 on CPU, bf16 on CUDA.
-    draft_adapter: a PEFT adapter directory, switched on for linear_spec draft passes only.
+    draft_adapter: a PEFT adapter directory, switched on for draft passes (linear_spec,
+        quadratic_spec draft tokens) and, if it is marked so, diffusion denoising passes.
+        None: the model's default (the shipped tri-mode adapter for the embedded model,
+        none otherwise); False or "none": no adapter.
     max_batch_size: requests decoded together in one batch.
     Raises CheckpointError (a ValueError) for unreadable or inconsistent checkpoints.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-                 device: str | None = None, draft_adapter: str | os.PathLike | None = None,
+                 device: str | None = None,
+                 draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True):
         if model is None:
-            from .embedded import default_model_dir
+            from .embedded import default_model_dir, shipped_adapter
 
             model = default_model_dir(progress=progress)
+            if draft_adapter is None:
+                draft_adapter = shipped_adapter()
+        if draft_adapter is False or (isinstance(draft_adapter, str) and draft_adapter == "none"):
+            draft_adapter = None
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
         self.model, ckpt = load_model(model, dtype=dtype, device=device)
@@ -125,7 +133,8 @@ class LLM:
                              f"{' after block rounding' if generated != params.max_tokens else ''}) "
                              f"= {len(ids) + generated} exceeds the context limit {limit}")
         stop = set(config.eos_token_ids) | set(params.stop_token_ids)
-        return Sequence(ids, params, stop, config.mask_token_id, block)
+        denoise = self.draft_adapter is not None and self.draft_adapter.denoise
+        return Sequence(ids, params, stop, config.mask_token_id, block, denoise)
 
 
 def _is_single(prompts) -> bool:
