@@ -164,6 +164,30 @@ def test_resumed_run_is_bit_identical(small, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(straight.params, first.params))
 
 
+def test_compact_draft_pass_gives_the_same_loss(small):
+    """Skipping blocks without masks in the draft-adapter grad pass changes nothing."""
+    from trimode.training.lora import attach_lora
+    from trimode.training.objective import joint_loss
+
+    model = LLM(str(small[0]), draft_adapter="none").model
+    attach_lora(model, 4, 8.0, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    tokens = torch.randint(4, 90, (2, 24))
+    loss = torch.ones_like(tokens, dtype=torch.bool)
+    loss[:, :9] = False
+    kw = dict(block_length=4, alpha=0.3, eps=1e-3, draft_adapter=True, targets="teacher")
+    for seed in range(4):
+        full = joint_loss(model, tokens, loss | True, loss, torch.Generator().manual_seed(seed),
+                          compact=False, **kw)
+        compact = joint_loss(model, tokens, loss | True, loss,
+                             torch.Generator().manual_seed(seed), **kw)
+        assert compact.diff_count == full.diff_count
+        torch.testing.assert_close(compact.total, full.total, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("block_length", 64, r"block_length must be in \[1, seq_length=32\]"),
     ("alpha", -0.1, "alpha must be >= 0"),

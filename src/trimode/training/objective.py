@@ -55,6 +55,17 @@ def _argmax(model: TriModeModel, hidden: torch.Tensor, mask_token_id: int) -> to
     return torch.cat(out).view(hidden.shape[:2])
 
 
+def _blocks_with(masked: torch.Tensor, block_length: int) -> torch.Tensor:
+    """Positions ``[K]`` of the blocks where any row has a masked token (at least one block)."""
+    length = masked.shape[1]
+    block = torch.arange(length) // block_length
+    hit = torch.zeros(int(block[-1]) + 1, dtype=torch.bool).index_put_(
+        (block[masked.any(0)],), torch.tensor(True))
+    if not bool(hit.any()):
+        hit[0] = True
+    return torch.nonzero(hit[block]).flatten()
+
+
 def _ce(model: TriModeModel, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-row CE ``[N]`` of hidden ``[N, d]`` against ``target`` ``[N]``."""
     if hidden.shape[0] == 0:
@@ -65,10 +76,11 @@ def _ce(model: TriModeModel, hidden: torch.Tensor, target: torch.Tensor) -> torc
 def joint_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
                loss_mask: torch.Tensor, generator: torch.Generator, *, block_length: int,
                alpha: float, eps: float, draft_adapter: bool, targets: str = "data",
-               draft_layout_rate: float = 0.0) -> LossParts:
+               draft_layout_rate: float = 0.0, compact: bool = True) -> LossParts:
     """Loss of one micro-batch ``tokens``/``valid``/``loss_mask`` ``[B, L]``.
 
     Noising draws from ``generator`` only (so a resumed run replays it exactly).
+    ``compact``: the draft-adapter grad pass skips blocks without masked tokens.
     """
     b, length = tokens.shape
     mask_id = model.config.mask_token_id
@@ -80,11 +92,15 @@ def joint_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
     if draft_adapter:
         with torch.no_grad():
             h_clean = model.run(tokens, cache)  # causal, written: the clean stream's K/V
-        rows = torch.cat([dual[:length, length:], dual[:length, :length]], 1)  # keys: clean, noisy
-        keys_ok = torch.cat([valid, valid], 1)[:, None, :]
-        h_noisy = model.run(noisy, cache, write=False, adapter=True,
-                            offsets=(positions - length).expand(b, -1),
-                            mask=(rows[None] & keys_ok)[:, None])
+        # Noisy queries see only their own block's noisy keys, so blocks without a masked
+        # token (no loss) can be left out of the grad pass without changing the loss.
+        keep = _blocks_with(masked, block_length) if compact else positions
+        rows = torch.cat([dual[:length, length:], dual[:length, :length][:, keep]], 1)[keep]
+        keys_ok = torch.cat([valid, valid[:, keep]], 1)[:, None, :]
+        h_kept = model.run(noisy[:, keep], cache, write=False, adapter=True,
+                           offsets=(keep - length).expand(b, -1),
+                           mask=(rows[None] & keys_ok)[:, None])
+        h_noisy = h_kept.new_zeros(b, length, h_kept.shape[-1]).index_copy(1, keep, h_kept)
     else:
         keys_ok = torch.cat([valid, valid], 1)[:, None, :]
         both = torch.cat([noisy, tokens], 1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-PROMPTS = 768  # of 1,740: what 2 shared cores answer in about 30 minutes
+PROMPTS = 512  # of 1,740: what 2 shared cores answered in about 30 minutes
 RECIPE = dict(method="draft_lora", lora_rank=16, lora_alpha=32.0, denoise=True,
               targets="teacher", block_length=8, alpha=0.3, draft_layout_rate=0.3,
               seq_length=256, pack=True, batch_size=1, grad_accum=1, steps=600, lr=1e-3,
