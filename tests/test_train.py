@@ -236,3 +236,19 @@ def test_chat_loss_is_on_assistant_turns_only(small):
                                                              "content": "w6 w7"}], llm.tokenizer)
     targets = [t for t, m in zip(ex.ids, ex.loss) if m]
     assert targets[:2] == [6, 7] and not any(ex.loss[: len(ex.prompt)])
+
+
+def test_shipped_adapter_is_lossless_and_accepts_drafts(embedded_llm):
+    """The embedded model's default tri-mode adapter: linear_spec equals ar exactly and
+    accepts well more than one token per verify (the untrained base: 1.04)."""
+    from trimode.embedded import shipped_adapter
+
+    assert shipped_adapter() is not None, "src/trimode/weights/smollm2-tri is missing"
+    assert embedded_llm.draft_adapter is not None and embedded_llm.draft_adapter.denoise
+    prompts = [[{"role": "user", "content": "Give three tips for staying healthy."}],
+               [{"role": "user", "content": "What is 12 plus 7?"}]]
+    ar = embedded_llm.chat(prompts, SamplingParams(mode="ar", max_tokens=32))
+    spec = embedded_llm.chat(prompts, SamplingParams(mode="linear_spec", max_tokens=32,
+                                                     block_length=8))
+    assert [s.token_ids for s in spec] == [a.token_ids for a in ar]
+    assert sum(s.metrics.acceptance_length for s in spec) / 2 > 1.5

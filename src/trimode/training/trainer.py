@@ -270,9 +270,11 @@ class Trainer:
         return target
 
 
-def train(config: TrainConfig, resume: bool = True) -> tuple[Trainer, list[dict]]:
+def train(config: TrainConfig, resume: bool = True,
+          stop_after: int | None = None) -> tuple[Trainer, list[dict]]:
     """Run ``config`` to ``config.steps`` (continuing a checkpoint when ``resume``), write
-    ``OUT/train_log.jsonl`` and the result; returns the trainer and the log records."""
+    ``OUT/train_log.jsonl`` and the result; returns the trainer and the log records.
+    ``stop_after``: stop (and save) at that step, the schedule still that of ``steps``."""
     from .progress import TrainProgress
 
     trainer = Trainer(config)
@@ -283,7 +285,8 @@ def train(config: TrainConfig, resume: bool = True) -> tuple[Trainer, list[dict]
     config_out.mkdir(parents=True, exist_ok=True)
     with (config_out / "train_log.jsonl").open("a") as f, \
             TrainProgress(config.steps, trainer.step, config.progress) as bar:
-        while trainer.step < config.steps:
+        end = config.steps if stop_after is None else min(stop_after, config.steps)
+        while trainer.step < end:
             record = trainer.train_step()
             bar.update(record)
             records = [record]
