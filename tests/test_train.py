@@ -228,6 +228,28 @@ def test_cli_train_errors_are_one_line(small, tmp_path, capsys):
         assert "\n" not in err
 
 
+def test_cli_train_runs_and_resumes(small, tmp_path, capsys):
+    from trimode.cli import main
+
+    ckpt, root = small
+    argv = ["train", str(root / "chat.jsonl"), "--out", str(tmp_path / "cli"), "--model",
+            str(ckpt), "--steps", "3", "--seq-length", "32", "--block-length", "4",
+            "--lora-rank", "2", "--eval-fraction", "0.25", "--eval-max-tokens", "4",
+            "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(SystemExit):
+        main(argv[:7] + ["5"] + argv[8:])  # --steps 5 continues from step 3
+    records = [json.loads(x) for x in (tmp_path / "cli" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "ar_loss" in r] == [1, 2, 3, 4, 5]
+    final = records[-1]
+    assert final["final"] and {"eval_ar_loss", "eval_diff_loss", "diffusion_tokens_per_forward",
+                               "linear_spec_acceptance_length"} <= set(final)
+
+
 def test_chat_loss_is_on_assistant_turns_only(small):
     from trimode.training.data import chat_example
 
