@@ -188,6 +188,16 @@ def test_compact_draft_pass_gives_the_same_loss(small):
         torch.testing.assert_close(compact.total, full.total, rtol=1e-5, atol=1e-5)
 
 
+def test_draft_step_without_any_target_is_skipped_not_fatal(small, tmp_path):
+    """A row whose noising masks nothing scores no target; the step must not crash."""
+    trainer = Trainer(config(small, tmp_path, method="draft_lora", lora_rank=2))
+    trainer.rows.loss[:] = False
+    before = [p.clone() for p in trainer.params]
+    record = trainer.train_step()
+    assert record["diff_targets"] == 0 and trainer.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("block_length", 64, r"block_length must be in \[1, seq_length=32\]"),
     ("alpha", -0.1, "alpha must be >= 0"),

@@ -182,7 +182,8 @@ class Trainer:
             gen = torch.Generator().manual_seed(c.seed * 1_000_003 + 7919 * (micro + 1))
             idx = self._row_indices(micro)
             parts = self._loss(self.rows, idx, gen)
-            (parts.total / c.grad_accum).backward()
+            if parts.total.requires_grad:  # a draft row can have no scored target at all
+                (parts.total / c.grad_accum).backward()
             ar = [ar[0] + parts.ar_sum, ar[1] + parts.ar_count]
             diff = [diff[0] + parts.diff_sum, diff[1] + parts.diff_count]
             tokens += int(self.rows.valid[idx].sum())
