@@ -255,7 +255,7 @@ class Trainer:
             from .lora import save_adapter
 
             return save_adapter(self.model, self.out / "adapter", c.lora_rank, c.lora_alpha,
-                                c.denoise, base=self.model_path)
+                                c.denoise, base=c.model or "trimode:embedded/smollm2-135m-instruct")
         from safetensors.torch import save_file
 
         target = self.out / "model"
