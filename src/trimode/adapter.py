@@ -1,12 +1,13 @@
-"""Draft adapters in PEFT LoRA format, switched on for linear_spec draft passes only.
+"""Draft adapters in PEFT LoRA format, switched on for draft passes (and denoise passes).
 
 Reads ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT writes them (NLD ships
 ``linear_spec_lora``: r=128, alpha=512 on ``o_proj``; any of q/k/v/o/gate/up/down_proj is
 supported). Each targeted Linear gets ``W x + (alpha / r) B A x`` on rows whose forward has
 the adapter flag (spec 5.3); the causal verify never sees it, so self-speculation stays
-lossless. A mismatched adapter is an error, never a silent no-op (B18): a rank that differs
-from ``r``, a shape that does not fit the base model, a tensor naming no module, 0 modules
-matched, a targeted module without tensors, or an unsupported PEFT feature.
+lossless. An adapter whose ``trimode_adapter.json`` lists ``"denoise"`` (``trimode train``
+writes one) is also on for diffusion denoising passes; commit passes never see it.
+A mismatched adapter is an error, never a silent no-op (B18): a rank that differs from
+``r``, a shape that does not fit the base model, a tensor naming no module, 0 modules matched, a targeted module without tensors, or an unsupported PEFT feature.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class DraftAdapter:
     rank: int
     scale: float
     modules: tuple[str, ...]
+    denoise: bool = False  # also on for diffusion denoising passes (trimode_adapter.json)
 
 
 def _module_name(key: str) -> str:
@@ -107,7 +109,20 @@ def load_draft_adapter(model: TriModeModel, path: str | os.PathLike) -> DraftAda
         linear.lora_A = a.to(device=linear.weight.device, dtype=linear.weight.dtype)
         linear.lora_B = b.to(device=linear.weight.device, dtype=linear.weight.dtype)
         linear.lora_scale = scale
-    return DraftAdapter(path, rank, scale, tuple(sorted(staged)))
+    return DraftAdapter(path, rank, scale, tuple(sorted(staged)), _denoise(path))
+
+
+def _denoise(path: Path) -> bool:
+    """``trimode_adapter.json`` ``{"passes": ["draft", "denoise"]}`` marks an adapter trained
+    for diffusion denoising too (``trimode train``); absent, it is a draft adapter only."""
+    role = path / "trimode_adapter.json"
+    if not role.exists():
+        return False
+    passes = json.loads(role.read_text()).get("passes", ["draft"])
+    unknown = set(passes) - {"draft", "denoise"}
+    if unknown:
+        raise CheckpointError(f"{role}: unknown passes {sorted(unknown)}; allowed: draft, denoise")
+    return "denoise" in passes
 
 
 def _check_pair(weights: Path, linear: Linear, parts: dict, rank: int):

@@ -81,7 +81,8 @@ def build_parser() -> Parser:
                    help="where to run (default: cuda when available, else cpu)")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
                    help="PEFT LoRA directory used for linear_spec / quadratic_spec draft passes "
-                   "only")
+                   "(and diffusion denoising if trained for it); 'none' for no adapter "
+                   "(default: the shipped tri-mode adapter on the embedded model)")
     d = common.add_argument_group("decoding")
     d.add_argument("--mode", choices=MODES, default="ar",
                    help="ar: one token per forward; diffusion: block diffusion; linear_spec: "
@@ -119,7 +120,7 @@ def build_parser() -> Parser:
                     "in ar, diffusion, linear_spec or quadratic_spec mode.", epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{generate,chat,serve,bench}")
+                                metavar="{generate,chat,serve,bench,train}")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt",
                          description="Answer one prompt and print the text (stdout); a metrics "
                          "summary goes to stderr.")
@@ -134,6 +135,9 @@ def build_parser() -> Parser:
     from .bench.cli import add_parser as add_bench
 
     add_bench(sub)
+    from .training.cli import add_train_parser
+
+    add_train_parser(sub, Parser)
     return parser
 
 
@@ -168,7 +172,7 @@ def load(args: argparse.Namespace, stderr: Console):
             model = default_model_dir(progress=stderr.is_terminal)
         try:
             with stderr.status(f"Loading {model}"):
-                return LLM(model, dtype=args.dtype, device=args.device,
+                return LLM(args.model, dtype=args.dtype, device=args.device,
                            draft_adapter=args.draft_adapter, progress=False)
         except CheckpointError as exc:
             raise UsageError(f"{_culprit(exc)}: {exc}") from None
@@ -276,6 +280,10 @@ def _main(argv: list[str] | None) -> int:
         from .bench.cli import run as bench
 
         return bench(args)
+    if args.command == "train":
+        from .training.cli import run_train
+
+        return run_train(args)
     params = sampling_params(args)
     stderr = Console(stderr=True, highlight=False)
     prompt = None

@@ -24,6 +24,15 @@ CONVERSION_VERSION = 1
 NAME = "smollm2-135m-instruct"
 
 
+ADAPTER_DIR = Path(__file__).parent / "weights" / "smollm2-tri"
+
+
+def shipped_adapter() -> Path | None:
+    """The tri-mode LoRA adapter shipped in the package for the embedded model (drafts and
+    diffusion denoising; see README "Training"), or None if this install has none."""
+    return ADAPTER_DIR if (ADAPTER_DIR / "adapter_model.safetensors").exists() else None
+
+
 def cache_root() -> Path:
     if os.environ.get("TRIMODE_CACHE"):
         return Path(os.environ["TRIMODE_CACHE"])

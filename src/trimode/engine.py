@@ -200,6 +200,7 @@ class Engine:
         self.steps = 0
         self.forwards = 0
         self.shared_prefix_tokens = 0  # prompt tokens whose prefill prefix sharing saved
+        self.denoise_adapter = False  # the draft adapter also denoises (LLM sets it)
 
     # ------------------------------------------------------------------ requests
 
@@ -456,7 +457,7 @@ class Engine:
         mc = self.model.config
         block = params.block_length or mc.block_size
         stop = set(mc.eos_token_ids) | set(params.stop_token_ids)
-        seq = Sequence(prompt_ids, params, stop, mc.mask_token_id, block)
+        seq = Sequence(prompt_ids, params, stop, mc.mask_token_id, block, self.denoise_adapter)
         if like is not None:  # auto resolved at admission: keep identity, seed and arrival
             seq.request_id, seq.arrival, seq.on_step = like.request_id, like.arrival, like.on_step
             seq.generator = like.generator

@@ -30,7 +30,10 @@ class LLM:
     model: a checkpoint directory, a ``.gguf`` file, a hub id in the local cache, or None
         for the embedded SmolLM2-135M-Instruct (converted on first use).
     dtype / device: default fp32 on CPU, bf16 on CUDA.
-    draft_adapter: a PEFT adapter directory, switched on for linear_spec draft passes only.
+    draft_adapter: a PEFT adapter directory, switched on for draft passes (linear_spec,
+        quadratic_spec draft tokens) and, if it is marked so, diffusion denoising passes.
+        None: the model's default (the shipped tri-mode adapter for the embedded model,
+        none otherwise); False or "none": no adapter.
     max_batch_size: requests decoded concurrently (rows of the preallocated KV pool).
     max_model_len: positions one request may hold (prompt + generation + its mode's
         scratch); None: the checkpoint's context limit capped at 4096.
@@ -42,7 +45,8 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-                 device: str | None = None, draft_adapter: str | os.PathLike | None = None,
+                 device: str | None = None,
+                 draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
                  auto: AutoPolicy | None = None):
@@ -53,9 +57,13 @@ class LLM:
                                      max_num_batched_tokens=max_num_batched_tokens,
                                      auto=auto or AutoPolicy())
         if model is None:
-            from .embedded import default_model_dir
+            from .embedded import default_model_dir, shipped_adapter
 
             model = default_model_dir(progress=progress)
+            if draft_adapter is None:
+                draft_adapter = shipped_adapter()
+        if draft_adapter is False or (isinstance(draft_adapter, str) and draft_adapter == "none"):
+            draft_adapter = None
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -72,6 +80,8 @@ class LLM:
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
         self.max_batch_size = max_batch_size
         self.engine = Engine(self.model, engine_config)
+        # a tri-mode adapter (trimode train) is also on for diffusion denoising passes
+        self.engine.denoise_adapter = bool(self.draft_adapter is not None and self.draft_adapter.denoise)
         self._async = None
 
     def generate(self, prompts: Prompt | Seq[Prompt],

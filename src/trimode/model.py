@@ -164,6 +164,13 @@ class TriModeModel(nn.Module):
                 bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
                 adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
                 offsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference forward (no autograd); see ``run`` for the arguments."""
+        return self.run(tokens, cache, n_valid, bidirectional, write, adapter, attention, offsets)
+
+    def run(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,
+            bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
+            adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
+            offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run ``tokens`` ``[B, T]`` after each row's cached prefix; return hidden ``[B, T, d]``.
 
         ``n_valid`` ``[B]``: real tokens per row (the rest is right padding; default all T).
@@ -174,7 +181,10 @@ class TriModeModel(nn.Module):
         draft adapter on (per row or per token).
         Positions continue from each row's cache length (spec 2.1). ``attention`` ``[B, T, T]``
         bool and ``offsets`` ``[B, T]`` override the pattern among this call's tokens and their
-        positions (fused layouts; see ``cache.build_forward_batch``).
+        positions (fused layouts; see ``cache.build_forward_batch``). ``mask`` ``[B, 1, T, S]``
+        bool (S = max cache length + T) replaces the whole pattern, cached keys included
+        (training's dual-stream layout, spec 2.3 (a)). Autograd-enabled (training);
+        ``forward`` is the inference entry point.
         """
         b, t = tokens.shape
         device = tokens.device
@@ -188,6 +198,8 @@ class TriModeModel(nn.Module):
         batch = build_forward_batch(cache, n_valid, bidirectional, t, adapter_rows,
                                     None if attention is None else attention.to(device),
                                     None if offsets is None else offsets.to(device))
+        if mask is not None:
+            batch.mask = mask.to(device)
         rope = self.rotary(batch.positions, self.dtype)
         real = None
         if int(n_valid.sum()) < b * t:  # ragged rows: every linear layer skips the padding

@@ -42,12 +42,13 @@ class Sequence:
     """One request being decoded."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
-                 mask_token_id: int | None, block_length: int):
+                 mask_token_id: int | None, block_length: int, denoise_adapter: bool = False):
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.stop_ids = stop_ids
         self.mask_token_id = mask_token_id
         self.block_length = block_length
+        self.denoise_adapter = denoise_adapter  # draft adapter also on for diffusion denoising
         self.generator = torch.Generator().manual_seed(
             params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
         self.generated: list[int] = []

@@ -7,7 +7,8 @@ cropping after a rejected draft is requested through ``Sequence.rollback``.
 
 ar (spec 4): one causal token per forward.
 diffusion (spec 3): blocks ``[seed, MASK x (block_length - 1)]``; bidirectional, read-only
-  denoising passes; a causal commit pass writes clean KV and gives the next seed.
+  denoising passes (the draft adapter on when it is a denoising adapter too); a causal
+  commit pass (adapter off) writes clean KV and gives the next seed.
 linear_spec (spec 5.1): a bidirectional draft (adapter on), a causal verify (adapter off),
   the longest agreeing prefix plus a bonus token, and a cache crop.
 """
@@ -87,7 +88,8 @@ class DiffusionStrategy:
 
     def next_step(self, seq: Sequence) -> Step:
         if self.phase == "denoise":
-            return Step(list(self.block), "denoise", bidirectional=True, write=False)
+            return Step(list(self.block), "denoise", bidirectional=True, write=False,
+                        adapter=seq.denoise_adapter)
         return Step(list(self.block), "commit")
 
     def update(self, seq: Sequence, logits: torch.Tensor) -> None:

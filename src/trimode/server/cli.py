@@ -86,9 +86,11 @@ def serve(args: argparse.Namespace) -> int:
 
     model = args.model
     if model is None:
-        from ..embedded import default_model_dir
+        from ..embedded import default_model_dir, shipped_adapter
 
         model = default_model_dir(progress=False)
+        if args.draft_adapter is None:
+            args.draft_adapter = shipped_adapter()  # as LLM() does for the embedded model
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=args.draft_adapter,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
               progress=False, auto=auto)
