@@ -64,7 +64,7 @@ def add_train_parser(sub, parser_class) -> None:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """Namespace -> TrainConfig; a ValueError names the flag (``--block-length ...``)."""
-    names = {f.name for f in fields(TrainConfig)} - {"extra"}
+    names = {f.name for f in fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values["data"] = tuple(values["data"])
     try:

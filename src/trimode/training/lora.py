@@ -4,8 +4,8 @@ The dual-stream layout needs the adapter on per token (noisy stream on, clean st
 one forward, which trimode's ``Linear`` supports (``adapter_rows``) and PEFT's per-module
 wrappers do not; so training uses trimode's LoRA path (the very code inference runs), with
 PEFT's initialisation (A Kaiming-uniform, B zero) and PEFT's ``LoraConfig`` and key names
-for the saved files. The result loads with ``LLM(draft_adapter=...)`` / ``--draft-adapter``
-and with ``peft.PeftModel`` on the NLD module names (spec 5.3).
+for the saved files. The result loads with ``LLM(draft_adapter=...)`` / ``--draft-adapter``;
+its keys follow NLD's ``linear_spec_lora`` naming (``encoder.layers.*``, spec 5.3).
 """
 
 from __future__ import annotations

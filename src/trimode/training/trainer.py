@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -61,7 +61,6 @@ class TrainConfig:
     eval_max_tokens: int = 32
     save_every: int = 0
     progress: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         checks = [
