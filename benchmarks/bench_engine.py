@@ -1,7 +1,7 @@
 """Engine throughput and latency by concurrency, per fixed mode and for "auto".
 
     python benchmarks/bench_engine.py [--model M] [--concurrency 1,4,16,64] [--max-tokens 32]
-        [--block-length 8] [--requests-per-client 2] [--out benchmarks/out]
+        [--block-length 8] [--requests-per-client 2] [--out benchmarks]
         [--section benchmarks/sections/engine.md]
 
 Closed loop: C clients each keep one request in flight (a new one is submitted the moment one
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--block-length", type=int, default=8)
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--modes", default="ar,diffusion,linear_spec,quadratic_spec")
-    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--section", default="benchmarks/sections/engine.md")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -194,10 +194,18 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.json").write_text(json.dumps(summary, indent=1))
-    plot(results, levels, out / "engine_concurrency.png")
-    Path(args.section).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.section).write_text(section(summary, levels, args))
+    write_outputs(summary, out, Path(args.section), args)
     print(json.dumps(summary))
+
+
+def write_outputs(summary: dict, out: Path, section_path: Path, args) -> None:
+    """The plot and the Markdown section from a summary (``engine.json``)."""
+    results = {m: {int(c): r for c, r in per.items()} for m, per in summary["results"].items()}
+    levels = sorted(next(iter(results.values())))
+    summary = {**summary, "results": results}
+    plot(results, levels, out / "engine_concurrency.png")
+    section_path.parent.mkdir(parents=True, exist_ok=True)
+    section_path.write_text(section(summary, levels, args))
 
 
 def plot(results: dict, levels: list[int], path: Path) -> None:
@@ -254,9 +262,10 @@ def section(summary: dict, levels: list[int], args) -> str:
               f"{pack['rows_per_kind']} diffusion denoise blocks of {pack['block_length']}, after a "
               f"{pack['prefix']}-token prefix): packed {pack['packed_s'] * 1000:.1f} ms, one forward "
               f"per kind {pack['grouped_s'] * 1000:.1f} ms ({pack['grouped_over_packed']}x).", "",
-              "![tokens/s by concurrency](out/engine_concurrency.png)", "", "Command:", "", "```",
+              "![tokens/s by concurrency](engine_concurrency.png)", "", "Command:", "", "```",
               "python benchmarks/bench_engine.py --concurrency " + args.concurrency
-              + f" --max-tokens {args.max_tokens} --block-length {args.block_length}", "```", ""]
+              + f" --max-tokens {args.max_tokens} --block-length {args.block_length}"
+              + f" --requests-per-client {meta['requests_per_client']}", "```", ""]
     return "\n".join(lines)
 
 

@@ -42,3 +42,13 @@ def test_mask_text_never_becomes_mask_id(embedded_llm):
     assert 16 not in ids
     assert "<empty_output>" in tok.hf.decode(ids)
     assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+
+
+def test_embedded_auto_policy_is_the_measured_one(embedded_llm):
+    """On the embedded model ar beat every parallel mode at every measured concurrency
+    (benchmarks/RESULTS.md, "Engine"), so its auto default stays ar."""
+    from trimode import SamplingParams
+
+    assert embedded_llm.engine.config.auto.max_parallel_batch == 0
+    out = embedded_llm.generate("Hello", SamplingParams(mode="auto", max_tokens=2))[0]
+    assert out.mode == "ar"

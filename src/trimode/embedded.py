@@ -27,6 +27,15 @@ NAME = "smollm2-135m-instruct"
 ADAPTER_DIR = Path(__file__).parent / "weights" / "smollm2-tri"
 
 
+def default_auto_policy():
+    """``mode="auto"`` for the embedded model: ``ar`` at every load. Measured with the shipped
+    adapter on the 2-core CPU (benchmarks/RESULTS.md, "Engine"): ar's tokens/s beat every
+    parallel mode at concurrency 1, 4, 16 and 64, so the parallel modes never pay here."""
+    from .engine import AutoPolicy
+
+    return AutoPolicy("linear_spec", max_parallel_batch=0)
+
+
 def shipped_adapter() -> Path | None:
     """The tri-mode LoRA adapter shipped in the package for the embedded model (drafts and
     diffusion denoising; see README "Training"), or None if this install has none."""

@@ -52,6 +52,10 @@ class LLM:
                  auto: AutoPolicy | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
+        if model is None and auto is None:
+            from .embedded import default_auto_policy
+
+            auto = default_auto_policy()
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
                                      kv_cache_memory=kv_cache_memory,
                                      max_num_batched_tokens=max_num_batched_tokens,

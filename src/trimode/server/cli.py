@@ -91,6 +91,10 @@ def serve(args: argparse.Namespace) -> int:
         model = default_model_dir(progress=False)
         if args.draft_adapter is None:
             args.draft_adapter = shipped_adapter()  # as LLM() does for the embedded model
+        if auto is None:
+            from ..embedded import default_auto_policy
+
+            auto = default_auto_policy()
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=args.draft_adapter,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
               progress=False, auto=auto)
