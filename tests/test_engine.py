@@ -182,6 +182,8 @@ def test_a_request_that_can_never_fit_is_rejected_at_once(model):
     engine = Engine(model, EngineConfig(max_num_seqs=2, max_model_len=32, max_num_batched_tokens=16))
     with pytest.raises(ValueError, match="max_model_len 32"):
         engine.add_request(list(range(4, 30)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="max_model_len 32"):  # the tighter limit is named
+        engine.add_request([5], SamplingParams(max_tokens=10**6))
     with pytest.raises(ValueError, match="max_num_batched_tokens 16"):
         engine.add_request(list(range(4, 24)), SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="after block rounding"):
@@ -307,9 +309,26 @@ def test_async_engine_concurrent_requests_equal_alone_and_disconnect_frees(tiny_
                 pass
         with pytest.raises(ValueError, match="max_model_len"):
             asyncio.run(bad())
+
+        async def duplicate():  # a second request with a live id is refused; the first goes on
+            first = engine.generate([5, 6], SamplingParams(max_tokens=300), "dup")
+            update = await first.__anext__()
+            tokens = list(update.new_token_ids)
+            with pytest.raises(ValueError, match="already in use"):
+                async for _ in engine.generate([7], SamplingParams(max_tokens=2), "dup"):
+                    pass
+            async for update in first:
+                tokens += update.new_token_ids
+            return tokens, update.finish_reason
+        tokens, reason = asyncio.run(asyncio.wait_for(duplicate(), timeout=300))
+        assert tokens == tiny_llm_solo(tiny_llm, [5, 6], 300) and reason in ("stop", "length")
     finally:
         engine.shutdown()
     assert tiny_llm.generate([5], SamplingParams(max_tokens=1))[0].token_ids  # usable again
+
+
+def tiny_llm_solo(llm, prompt, max_tokens):
+    return alone(llm.model, prompt, SamplingParams(max_tokens=max_tokens))[0]
 
 
 def test_logprobs_are_those_of_the_committing_forward(tiny_llm):

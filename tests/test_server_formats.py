@@ -214,6 +214,12 @@ def test_schema_errors_are_422_and_server_keeps_serving(server):
     r = client.post("/v1/chat/completions", json={"messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
     assert r.status_code in (400, 422) and r.json()["error"]["param"] == "messages"
+    for field, raw in (("stream", '"yes"'), ("temperature", "true"), ("max_tokens", "false")):
+        r = client.post("/v1/completions", content='{"prompt": "x", "%s": %s}' % (field, raw),
+                        headers={"content-type": "application/json"})
+        assert r.status_code in (400, 422) and r.json()["error"]["param"] == field, r.text
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "top_logprobs": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
     assert client.get("/health").status_code == 200
     ok = client.post("/v1/completions", json={"prompt": "split 3", "max_tokens": 100,
                                               "temperature": 0, "top_p": 1})

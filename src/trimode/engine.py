@@ -434,14 +434,14 @@ class Engine:
             generated = -(-params.max_tokens // block) * block
         rounding = " after block rounding" if generated != params.max_tokens else ""
         limit = mc.max_position_embeddings
-        if self.check_context and len(prompt_ids) + generated > limit:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
-                             f"{rounding}) = {len(prompt_ids) + generated} exceeds the context "
-                             f"limit {limit}")
         total = len(prompt_ids) + generated
-        if total > self.max_model_len:
+        # the tighter limit is the one named (max_model_len <= the checkpoint's limit)
+        if total > self.max_model_len and (not self.check_context or self.max_model_len < limit):
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
                              f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}")
+        if self.check_context and total > limit:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds the context limit {limit}")
         scratch = scratch_slots(params.mode, block, params.max_tokens, params.draft_segments)
         if scratch > self.config.scratch_tokens:
             raise ValueError(f"{params.mode} with block_length {block} needs {scratch} scratch "
@@ -593,6 +593,11 @@ class AsyncEngine:
         for item in items:
             if item[0] == "add":
                 _, request_id, prompt_ids, params, loop, queue = item
+                if request_id in self._streams or request_id in self.engine.requests:
+                    # a duplicate id: refuse it without touching the request that owns it
+                    loop.call_soon_threadsafe(queue.put_nowait, ValueError(
+                        f"request_id {request_id!r} is already in use"))
+                    continue
                 self._streams[request_id] = (loop, queue)
                 try:
                     self.engine.add_request(prompt_ids, params, request_id)

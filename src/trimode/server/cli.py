@@ -29,7 +29,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
-                   help="PEFT LoRA directory for speculative draft passes only")
+                   help="PEFT LoRA directory for draft passes (and diffusion denoising when the adapter "
+                   "is marked for it); default: the shipped adapter for the embedded model")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 SERVER_MODES = ("auto", "ar", "diffusion", "linear_spec", "quadratic_spec")
 Mode = Literal["auto", "ar", "diffusion", "linear_spec", "quadratic_spec"]
@@ -23,7 +23,7 @@ MAX_STOP = 16
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Sampling(BaseModel):
@@ -42,7 +42,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(None, description="up to 16 non-empty strings; the "
                                          "output ends before the first one (not included)")
     n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, allow_inf_nan=False, description="only 0")
     frequency_penalty: float | None = Field(None, allow_inf_nan=False, description="only 0")
@@ -52,6 +52,15 @@ class _Sampling(BaseModel):
                                      description="trimode: diffusion block / draft window")
     threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                     description="trimode: unmask / draft confidence threshold")
+
+    @field_validator("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                     "seed", "n", "block_length", "threshold", mode="before")
+    @classmethod
+    def _no_booleans(cls, value, info):
+        """JSON true/false is not a number (pydantic would read true as 1)."""
+        if isinstance(value, bool):
+            raise ValueError(f"{info.field_name} must be a number, not a boolean")
+        return value
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -87,6 +96,8 @@ class CompletionRequest(_Sampling):
 
     def n_logprobs(self) -> int | None:
         if self.logprobs is None or self.logprobs is False:
+            if self.top_logprobs:
+                raise RequestError("top_logprobs needs logprobs (true or 0..20)", "top_logprobs")
             return None
         if self.logprobs is True:
             return self.top_logprobs or 0
