@@ -142,9 +142,10 @@ def render(result: dict, curve: list[dict], command: str) -> str:
         "under the same load, and are the numbers to read.",
         "",
         f"Model: {result['model']} ({m['dtype']})"
-        + (", an AR-only model: its drafts are rarely accepted and its diffusion text is poor, "
-           "so the parallel modes cannot beat `ar` here; the same commands on an NLD checkpoint "
-           "(`--model`) measure what they gain" if "embedded" in result["model"] else "")
+        + (", with the shipped tri-mode draft/denoise adapter (README \"Training\"): drafts "
+           "are accepted about twice per verify and diffusion unmasks about one token per pass, "
+           "so on this CPU the parallel modes do not beat `ar`; the same commands on an NLD "
+           "checkpoint (`--model`) measure what they gain" if "embedded" in result["model"] else "")
         + f". Dataset `{result['dataset']}`, {result['per_category']} prompt(s) per category "
         "(MT-Bench: first turns; gsm_symbolic: reasoning-gym's generator with a fixed seed), "
         f"chat template, greedy, max_tokens {c['max_tokens']}, block_length "
