@@ -216,3 +216,17 @@ def test_embedded_model_answers(runs):
     result = json.loads(done.stdout)
     assert "Paris" in result["text"] and len(result["token_ids"]) <= 20
     assert result["metrics"]["nfe"] > 0
+
+
+def test_summary_counts_the_stop_token_like_the_metrics():
+    """The stderr summary and --json agree: a stop token counts in generated_tokens (and
+    tokens/forward), so the summary says so next to the returned tokens."""
+    from trimode.cli import summary
+    from trimode.outputs import RequestMetrics
+
+    stopped = SimpleNamespace(token_ids=[5, 6], finish_reason="stop",
+                              metrics=RequestMetrics(nfe=3, generated_tokens=3))
+    assert "2 tokens + 1 stop token (stop)" in summary(stopped, "ar")
+    cut = SimpleNamespace(token_ids=[5, 6], finish_reason="length",
+                          metrics=RequestMetrics(nfe=2, generated_tokens=2))
+    assert "2 tokens (length)" in summary(cut, "ar")

@@ -191,7 +191,8 @@ def _culprit(exc: BaseException) -> str:
 def summary(out, mode: str) -> str:
     m = out.metrics
     acc = f"{m.acceptance_length:.2f}" if m.acceptance_length is not None else "–"
-    return (f"{mode} · {len(out.token_ids)} tokens ({out.finish_reason}) · nfe {m.nfe} · "
+    stop = " + 1 stop token" if m.generated_tokens > len(out.token_ids) else ""
+    return (f"{mode} · {len(out.token_ids)} tokens{stop} ({out.finish_reason}) · nfe {m.nfe} · "
             f"{m.tokens_per_forward:.2f} tokens/forward · acceptance_length {acc} · "
             f"latency {m.latency_s:.2f} s")
 
