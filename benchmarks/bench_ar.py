@@ -93,16 +93,6 @@ def peer_generation_config(llm, max_tokens: int):
                             suppress_tokens=suppress, use_cache=True)
 
 
-def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
 def run_trimode(llm, prompts, params):
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -112,6 +102,8 @@ def run_trimode(llm, prompts, params):
 
 @torch.inference_mode()
 def run_peer(peer, gen_config, prompts):
+    from trimode.bench.peer import left_pad
+
     ids, mask = left_pad(prompts, gen_config.pad_token_id)
     t0 = time.perf_counter()
     out = peer.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)

@@ -84,19 +84,9 @@ def forward_cost(model, prefix: int = 128, widths=(1, 2, 4, 8, 16, 24, 32, 48, 6
 
 
 def plot(curve: list[dict], path: Path) -> None:
-    import matplotlib
+    from trimode.bench.forward_cost import plot_curve as shared
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["tokens"] for r in curve], [r["seconds"] * 1000 for r in curve], marker="o")
-    ax.set_xlabel("query tokens in one forward")
-    ax.set_ylabel("forward time (ms)")
-    ax.set_title("Forward cost, embedded model, fp32 CPU")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    shared(curve, path, dpi=120)
 
 
 def main() -> None:

@@ -108,20 +108,9 @@ def main(argv=None) -> int:
 
 
 def plot_curve(curve: list[dict], path: Path) -> None:
-    import matplotlib
+    from trimode.bench.forward_cost import plot_curve as shared
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["tokens"] for r in curve], [r["seconds"] * 1000 for r in curve], marker="o")
-    ax.set_xlabel("query tokens in one forward")
-    ax.set_ylabel("forward time (ms)")
-    ax.set_title("Forward cost, embedded model, fp32 CPU")
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    shared(curve, path, dpi=110)
 
 
 def render(result: dict, curve: list[dict], command: str) -> str:

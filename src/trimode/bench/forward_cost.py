@@ -121,6 +121,24 @@ def decode_speed(model, mode: str, batch_size: int, max_tokens: int, block_lengt
             "tokens_per_forward": round(tokens / nfe, 4)}
 
 
+def plot_curve(curve: list[dict], path: Path, dpi: int = 120) -> None:
+    """Forward time (ms) against query tokens in one forward, saved as a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["tokens"] for r in curve], [r["seconds"] * 1000 for r in curve], marker="o")
+    ax.set_xlabel("query tokens in one forward")
+    ax.set_ylabel("forward time (ms)")
+    ax.set_title("Forward cost, embedded model, fp32 CPU")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="local checkpoint (default: random weights)")

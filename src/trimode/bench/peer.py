@@ -88,12 +88,7 @@ def peer_generate(peer, llm, prompts: list[list[int]], max_tokens: int,
                            eos_token_id=sorted(stop_ids) or None, pad_token_id=pad,
                            bos_token_id=c.bos_token_id, use_cache=True,
                            suppress_tokens=[c.mask_token_id] if c.mask_token_id is not None else None)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_pad(prompts, pad)
     device = llm.model.device
     _sync(device)
     start = time.perf_counter()
@@ -102,11 +97,23 @@ def peer_generate(peer, llm, prompts: list[list[int]], max_tokens: int,
     _sync(device)
     wall = time.perf_counter() - start
     tokens, counts = [], []
-    for row in out[:, width:].tolist():
+    for row in out[:, ids.shape[1]:].tolist():
         stop = next((i for i, t in enumerate(row) if t in stop_ids), None)
         tokens.append(row if stop is None else row[:stop])
         counts.append(len(row) if stop is None else stop + 1)
     return wall, tokens, counts
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids ``[B, W]`` and attention mask ``[B, W]`` (1 on real tokens) for
+    transformers' ``generate``."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
 
 
 def _sync(device) -> None:
