@@ -323,6 +323,10 @@ def test_crossover_picks_the_first_batch_size_from_which_ar_stays_faster():
     slow = [dict(s, tokens_per_s=1) if s["mode"] == "linear_spec" else s for s in sweep]
     assert crossover(slow)["modes"]["linear_spec"] == {
         "block_length": 8, "ar_faster_from_batch_size": 1, "max_parallel_batch": 0}
+    # sizes from 4 up: ar faster at 4 says nothing about 1..3, so the value is unknown
+    from4 = [s for s in slow if s["batch_size"] != 1]
+    assert crossover(from4)["modes"]["linear_spec"] == {
+        "block_length": 8, "ar_faster_from_batch_size": 4, "max_parallel_batch": None}
 
 
 def test_gpu_benchmark_cpu_path(tmp_path):

@@ -436,6 +436,12 @@ def test_auto_policy_from_a_crossover_file(tmp_path):
     path.write_text('{"modes": {"diffusion": {"max_parallel_batch": 0}, '
                     '"linear_spec": {"max_parallel_batch": 0}}}')
     assert AutoPolicy.from_crossover(path) == AutoPolicy("linear_spec", 0)
+    path.write_text('{"modes": {"diffusion": {"max_parallel_batch": null}, '
+                    '"linear_spec": {"max_parallel_batch": 2}}}')
+    assert AutoPolicy.from_crossover(path) == AutoPolicy("linear_spec", 2)
+    path.write_text('{"modes": {"linear_spec": {"max_parallel_batch": null}}}')
+    with pytest.raises(ValueError, match="--batch-sizes starting at 1"):
+        AutoPolicy.from_crossover(path)
     path.write_text('{"nothing": 1}')
     with pytest.raises(ValueError, match="crossover.json"):
         AutoPolicy.from_crossover(path)

@@ -79,16 +79,23 @@ class AutoPolicy:
     def from_crossover(cls, path) -> "AutoPolicy":
         """The policy a ``crossover.json`` written by ``trimode bench`` measured: the parallel
         mode that stays faster than ar up to the largest batch (ties: linear_spec, whose
-        output is ar's), up to that batch. Raises ValueError for a file without ``modes``."""
+        output is ar's), up to that batch. Raises ValueError for a file without ``modes`` or
+        one where every mode's ``max_parallel_batch`` is unknown (null: ar won at the
+        smallest batch size measured, which was above 1)."""
         import json
         from pathlib import Path
 
         try:
             modes = json.loads(Path(path).read_text())["modes"]
-            ranked = sorted(((int(v["max_parallel_batch"] or 0), m == "linear_spec", m)
-                             for m, v in modes.items() if m in PARALLEL_MODES), reverse=True)
+            known = {m: v["max_parallel_batch"] for m, v in modes.items() if m in PARALLEL_MODES}
+            ranked = sorted(((int(b), m == "linear_spec", m) for m, b in known.items()
+                             if b is not None), reverse=True)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a crossover.json written by trimode bench ({exc})") from None
+        if not ranked and known:
+            raise ValueError(f"{path}: ar was already faster at the smallest batch size measured "
+                             "and smaller ones were not measured; rerun trimode bench with "
+                             "--batch-sizes starting at 1")
         if not ranked:
             raise ValueError(f"{path}: no parallel mode measured")
         batch, _, mode = ranked[0]

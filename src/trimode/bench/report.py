@@ -121,7 +121,8 @@ def write_crossover(result: dict, path: Path) -> None:
     {batch: tok/s}, "ar_faster_from_batch_size", "max_parallel_batch"}}, "ar_tokens_per_s":
     {batch: tok/s}}``. ``ar_faster_from_batch_size`` null: the parallel mode was faster at the
     largest batch size measured (the crossover lies above it). ``max_parallel_batch``: the
-    largest measured batch size below the crossover (0: ar was faster at every size), the value
+    largest measured batch size below the crossover (0: ar was faster at every size from 1;
+    null: ar was faster at the smallest size measured, which was above 1), the value
     for ``engine.AutoPolicy(parallel_mode=mode, max_parallel_batch=...)``. Per mode, the block
     length is the one fastest at the smallest batch size."""
     m = result["machine"]

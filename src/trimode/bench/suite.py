@@ -179,7 +179,8 @@ def crossover(sweep: list[dict]) -> dict:
     """Per parallel configuration: ``ar_faster_from_batch_size``, the smallest measured batch
     size from which ``ar``'s tokens/s is at least the configuration's at every larger measured
     size (None: ar is slower at the largest size measured), and ``max_parallel_batch``, the
-    largest measured size below it (0: ar is faster everywhere), which is what
+    largest measured size below it (0: ar is faster everywhere from batch size 1; None: ar
+    is faster at the smallest size measured and that size is above 1), which is what
     ``engine.AutoPolicy.max_parallel_batch`` takes. Per mode: the block length fastest at the
     smallest batch size, and its numbers."""
     ar = {s["batch_size"]: s["tokens_per_s"] for s in sweep if s["mode"] == "ar"}
@@ -201,7 +202,9 @@ def crossover(sweep: list[dict]) -> dict:
         c["ar_faster_from_batch_size"] = start
         # AutoPolicy.max_parallel_batch: run the parallel mode up to this batch size
         below = [b for b in sizes if start is None or b < start]
-        c["max_parallel_batch"] = below[-1] if below else 0
+        # ar faster already at the smallest size measured: 0 only if that size is 1; above 1
+        # the sizes below were never measured, so the value is unknown (None), not 0
+        c["max_parallel_batch"] = below[-1] if below else (0 if sizes and sizes[0] == 1 else None)
         c["tokens_per_s"] = {str(b): v for b, v in sorted(c["tokens_per_s"].items())}
     modes = {}
     for c in configs.values():

@@ -40,6 +40,17 @@ def add_train_parser(sub, parser_class) -> None:
     p.add_argument("--eps", type=float, default=1e-3, help="mask rate floor: p = (1-eps) t + eps")
     p.add_argument("--draft-layout-rate", type=float, default=0.0,
                    help="fraction of rows noised as linear_spec drafts (seed + masks), in [0, 1]")
+    p.add_argument("--draft-blocks", type=int, default=0,
+                   help="draft_lora only: sample this many decode-time blocks per row (each "
+                   "sees the clean keys before its start, as at inference) instead of the "
+                   "aligned dual-stream noising; --draft-layout-rate, --denoise-layout-rate and "
+                   "--masked-layout-rate then weigh the seed+masks, random-ratio and all-masks "
+                   "layouts (default 0: aligned noising)")
+    p.add_argument("--denoise-layout-rate", type=float, default=0.3)
+    p.add_argument("--masked-layout-rate", type=float, default=0.2)
+    p.add_argument("--kl-weight", type=float, default=0.5,
+                   help="with --draft-blocks: weight of KL(base || adapter) against CE on the "
+                   "base's argmax, in [0, 1]")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="one example per row (truncated, padded) instead of packing")

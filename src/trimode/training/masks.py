@@ -75,3 +75,54 @@ def chain_valid(tokens: torch.Tensor, teacher: torch.Tensor, masked: torch.Tenso
     blocks = torch.nn.functional.pad(bad, (0, pad)).view(b, -1, block_length)
     before = blocks.cumsum(-1) - blocks  # bad positions strictly before j in the block
     return (before.view(b, -1)[:, :length] == 0)
+
+
+LAYOUTS = ("draft", "denoise", "masked")
+
+
+def sample_blocks(valid: torch.Tensor, loss_mask: torch.Tensor, block_length: int, blocks: int,
+                  layout_rates: tuple[float, float, float], generator: torch.Generator,
+                  eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw ``blocks`` decode-time blocks per row, as the decoders lay them out.
+
+    Every block covers positions ``s .. s + block_length - 1`` of a row ``[L]`` and sees the
+    clean keys ``< s`` (the causal KV cache of a decoder) plus its own slots bidirectionally.
+    ``s`` is uniform over positions whose next token is a target (``valid & loss_mask``)
+    and that leave room for the block. Each block takes one layout, drawn with
+    ``layout_rates`` (draft, denoise, masked; they need not sum to 1):
+
+    * draft: slot 0 (the seed) visible, slots 1.. masked (a linear_spec draft pass and a
+      diffusion block's first denoising pass, spec 3 and 5.1);
+    * denoise: slot 0 visible, each later slot masked with probability p = (1 - eps) t +
+      eps, t ~ U(0, 1), at least one (a diffusion block after some passes, spec 2.3's rate);
+    * masked: every slot masked (a quadratic_spec draft segment, whose slot 0 is the bonus
+      position the verify has not decided yet).
+
+    Returns ``starts`` ``[B, K]`` long, ``masked`` ``[B, K, block_length]`` bool and
+    ``present`` ``[B, K]`` bool (false for every block of a row without an eligible start).
+    Random numbers come from ``generator`` only.
+    """
+    b, length = valid.shape
+    eligible = torch.zeros_like(valid)
+    last = length - block_length  # the block must fit
+    if last >= 0:
+        eligible[:, : last + 1] = (valid & loss_mask)[:, 1 : last + 2]
+    present = eligible.any(1)
+    weights = eligible.float()
+    weights[~present, : last + 1] = 1.0  # rows with no target: any start (nothing is scored)
+    starts = torch.multinomial(weights, blocks, replacement=True, generator=generator)
+    rates = torch.tensor(layout_rates, dtype=torch.float64)
+    kind = torch.multinomial(rates.expand(b * blocks, 3), 1, replacement=True,
+                             generator=generator).view(b, blocks)
+    t = torch.rand(b, blocks, generator=generator, dtype=torch.float64)
+    p = ((1 - eps) * t + eps)[..., None]
+    draws = torch.rand(b, blocks, block_length, generator=generator, dtype=torch.float64)
+    later = torch.arange(block_length) >= 1
+    random = (draws < p) & later
+    # at least one masked slot: the later slot with the lowest draw
+    lowest = torch.where(later, draws, torch.full_like(draws, 2.0)).argmin(-1, keepdim=True)
+    random = random | (torch.zeros_like(random).scatter_(-1, lowest, True) & ~random.any(-1,
+                                                                                         keepdim=True))
+    masked = torch.where((kind == 0)[..., None], later.expand_as(random), random)
+    masked = torch.where((kind == 2)[..., None], torch.ones_like(random), masked)
+    return starts, masked, present[:, None].expand(b, blocks)

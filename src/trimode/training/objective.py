@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import TriModeModel
-from .masks import chain_valid, dual_stream_mask, noise
+from .masks import chain_valid, dual_stream_mask, noise, sample_blocks
 
 HEAD_CHUNK = 1024  # rows per lm-head call: bounds the [rows, vocab] logits in memory
 
@@ -125,3 +125,70 @@ def joint_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
         total = (ar_ce.sum() + alpha * diff_sum) / max(int(ar_at.sum()) + int(scored.sum()), 1)
     return LossParts(total, float(ar_ce.detach().sum()), int(ar_at.sum()),
                      float(diff_ce.detach().sum()), int(scored.sum()))
+
+
+def block_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
+               loss_mask: torch.Tensor, generator: torch.Generator, *, block_length: int,
+               blocks: int, layout_rates: tuple[float, float, float], eps: float,
+               kl_weight: float = 0.5) -> LossParts:
+    """Draft-adapter loss on ``blocks`` sampled decode-time blocks per row (``[B, L]`` in).
+
+    One no-grad causal pass of the frozen base gives the clean K/V, its argmax (the targets)
+    and its distribution; then one grad pass (adapter on) runs every sampled block at its
+    own positions, each seeing only the clean keys before its start and its own slots
+    (``masks.sample_blocks``). So each block is exactly what a linear_spec draft, a
+    diffusion denoising pass or a quadratic_spec draft segment sees at inference, and one
+    clean pass feeds ``blocks`` of them (the draft-adapter experiment's layout, with
+    overlapping blocks at random starts instead of one aligned block per position).
+    A masked slot j is scored when it is a target (``valid & loss_mask``) and every masked
+    slot before it in the block holds the base's own argmax (an exact greedy chain,
+    ``chain_valid``'s rule). Loss per scored slot: (1 - kl_weight) x CE(base argmax) +
+    kl_weight x KL(base || adapter), averaged over scored slots (unweighted: the 1/p weight
+    of spec 2.3 is for training the base, and here every target is exact).
+    """
+    b, length = tokens.shape
+    mask_id = model.config.mask_token_id
+    starts, masked, present = sample_blocks(valid, loss_mask, block_length, blocks,
+                                            layout_rates, generator, eps)
+    k = blocks
+    slots = torch.arange(block_length)
+    pos = (starts[..., None] + slots).view(b, k * block_length)  # [B, Q]
+    block_tok = tokens.gather(1, pos)
+    masked = masked.view(b, -1)
+    noisy = torch.where(masked, torch.full_like(block_tok, mask_id), block_tok)
+    cache = model.new_cache(b, length + k * block_length)
+    with torch.no_grad():
+        h_clean = model.run(tokens, cache)
+    teacher = torch.cat([tokens[:, :1], _argmax(model, h_clean[:, :-1], mask_id)], 1)
+    # exact chain: no masked slot before j in the block holds a non-argmax token
+    bad = (masked & (block_tok != teacher.gather(1, pos))).view(b, k, block_length).float()
+    chain = ((bad.cumsum(-1) - bad) == 0).view(b, -1)
+    target = (valid & loss_mask).gather(1, pos)
+    scored = masked & chain & target & present.repeat_interleave(block_length, 1)
+    scored &= pos >= 1  # position 0 has no AR prediction
+    block_id = torch.arange(k).repeat_interleave(block_length)
+    block_start = starts.repeat_interleave(block_length, 1)  # [B, Q]
+    clean_ok = (torch.arange(length)[None, None, :] < block_start[:, :, None]) & valid[:, None, :]
+    own = (block_id[:, None] == block_id[None, :])[None].expand(b, -1, -1)
+    attn = torch.cat([clean_ok, own], 2)[:, None]  # [B, 1, Q, L + Q]
+    h = model.run(noisy, cache, write=False, adapter=True, offsets=pos - length, mask=attn)
+    n = int(scored.sum())
+    if n == 0:
+        zero = h.sum() * 0.0
+        return LossParts(zero, 0.0, 0, 0.0, 0)
+    student = _head(model, h[scored])
+    student[:, mask_id] = float("-inf")
+    label = teacher.gather(1, pos)[scored]
+    ce = F.cross_entropy(student, label, reduction="none")
+    total = (1 - kl_weight) * ce.sum()
+    if kl_weight > 0:
+        rows = torch.nonzero(scored)
+        with torch.no_grad():
+            prev = h_clean[rows[:, 0], pos[scored] - 1]
+            t_logp = _head(model, prev)
+            t_logp[:, mask_id] = -1e4
+            t_logp = t_logp.log_softmax(-1)
+        s_logp = student.masked_fill(torch.isinf(student), -1e4).log_softmax(-1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        total = total + kl_weight * kl.sum()
+    return LossParts(total / n, 0.0, 0, float(ce.detach().sum()), n)

@@ -30,7 +30,7 @@ class TrainProgress:
         self.progress.update(self.task, completed=r["step"], stats=stats)
 
     def note(self, r: dict) -> None:
-        if self.enabled:
+        if self.enabled and set(r) - {"step", "final"}:  # nothing held out: no empty line
             text = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in r.items())
             self.progress.console.print(f"eval  {text}")

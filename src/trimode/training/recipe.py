@@ -1,33 +1,61 @@
 """The one command that reproduces the embedded model's shipped tri-mode adapter.
 
-``python -m trimode.training.recipe OUT`` (1 thread, as shipped):
-1. ``OUT/selfgen.jsonl``: the base model's greedy answers (128 tokens max) to the first
-   ``PROMPTS`` training prompts of ``corpora.training_prompts(TRAIN_SEED)`` (resumes a
-   partial file);
-2. ``trimode train`` on it with ``RECIPE`` below: a draft/denoise LoRA on the noisy stream
-   (base frozen, so ar and linear_spec output are the base model's exactly), masked
-   positions labelled by the base's own argmax where it is an exact greedy chain.
+``python -m trimode.training.recipe OUT`` (2 generation workers and 2 training threads, as
+shipped; about XX minutes on the 2-core CPU this was made on):
+1. ``OUT/selfgen.jsonl``: the base model's greedy answers (128 tokens max, batches of 32)
+   to all ``PROMPTS`` training prompts of ``corpora.training_prompts(TRAIN_SEED)``, made by
+   ``--workers`` 1-thread ``trimode.training.selfgen`` processes on contiguous shards
+   (each shard file resumes where it stopped);
+2. ``trimode train`` on it with ``RECIPE`` below: a draft/denoise LoRA (base frozen, so ar,
+   linear_spec and quadratic_spec output stays the base model's exactly) trained on 32
+   sampled decode-time blocks per 256-token row (``--draft-blocks``: seed + masks as a
+   linear_spec draft, random-ratio masks as a diffusion pass, all masks as a quadratic_spec
+   segment), labelled by the base's own argmax and distribution.
 The adapter lands in ``OUT/run/adapter``; copy it to ``src/trimode/weights/smollm2-tri``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
-PROMPTS = 320  # of 1,740: what the shared 2 cores answered in about 20 minutes
+PROMPTS = 1740  # every prepared training prompt
 RECIPE = dict(method="draft_lora", lora_rank=16, lora_alpha=32.0, denoise=True,
-              targets="teacher", block_length=8, alpha=0.3, draft_layout_rate=0.3,
-              seq_length=256, pack=True, batch_size=1, grad_accum=1, steps=540, lr=1e-3,
-              warmup_steps=20, min_lr_ratio=0.1, seed=0, eval_fraction=0.02, eval_every=150,
-              eval_prompts=4, eval_max_tokens=32, save_every=25)
+              targets="teacher", block_length=8, draft_blocks=32, draft_layout_rate=0.5,
+              denoise_layout_rate=0.3, masked_layout_rate=0.2, kl_weight=0.5,
+              seq_length=256, pack=True, batch_size=1, grad_accum=1, steps=1500, lr=1e-3,
+              warmup_steps=20, min_lr_ratio=0.1, seed=0, eval_fraction=0.01,
+              eval_every=500, eval_prompts=4, eval_max_tokens=32, save_every=25)
+
+
+def self_distill(out: Path, prompts: int, workers: int) -> Path:
+    """Answer the first ``prompts`` training prompts in ``workers`` parallel shards and
+    join them, in prompt order, into ``out/selfgen.jsonl``."""
+    data = out / "selfgen.jsonl"
+    if data.exists() and len(data.read_text().splitlines()) >= prompts:
+        return data
+    size = -(-prompts // workers)
+    shards = [(out / f"selfgen.part{i}.jsonl", i * size, min(size, prompts - i * size))
+              for i in range(workers)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen([sys.executable, "-m", "trimode.training.selfgen", str(path),
+                              "--start", str(start), "--limit", str(n), "--threads", "1"],
+                             env=env) for path, start, n in shards if n > 0]
+    if any(job.wait() for job in jobs):
+        raise RuntimeError("self-distillation: a generation worker failed (see its output)")
+    lines = [line for path, _, n in shards if n > 0 for line in path.read_text().splitlines()]
+    if len(lines) < prompts:
+        raise RuntimeError(f"self-distillation: {len(lines)} answers for {prompts} prompts")
+    data.write_text("\n".join(lines) + "\n")
+    return data
 
 
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from .corpora import TRAIN_SEED, training_prompts
-    from .selfgen import generate
     from .trainer import TrainConfig, train
 
     p = argparse.ArgumentParser(description=__doc__,
@@ -36,17 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=RECIPE["steps"])
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop and save at this step (the schedule stays that of --steps)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="training threads")
+    p.add_argument("--workers", type=int, default=2, help="generation processes (1 thread each)")
     p.add_argument("--prompts", type=int, default=PROMPTS,
                    help="how many training prompts to answer (the first of the shuffled list)")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = args.out / "selfgen.jsonl"
-    prompts = training_prompts(TRAIN_SEED)[: args.prompts]
-    have = len(data.read_text().splitlines()) if data.exists() else 0
-    if have < len(prompts):
-        generate(data, prompts, max_tokens=128)
+    data = self_distill(args.out, args.prompts, args.workers)
+    torch.set_num_threads(args.threads)
     config = TrainConfig(data=(str(data),), out=str(args.out / "run"),
                          **{**RECIPE, "steps": args.steps})
     train(config, resume=True, stop_after=args.stop_after)

@@ -45,10 +45,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=TRAIN_SEED)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--start", type=int, default=0, help="first prompt (a shard's offset)")
+    p.add_argument("--limit", type=int, default=None, help="prompts to answer from --start")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
-    prompts = training_prompts(args.seed)[: args.limit]
-    generate(args.out, prompts, max_tokens=args.max_tokens)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    prompts = training_prompts(args.seed)[args.start:]
+    prompts = prompts if args.limit is None else prompts[: args.limit]
+    generate(args.out, prompts, max_tokens=args.max_tokens, batch=args.batch)
 
 
 if __name__ == "__main__":

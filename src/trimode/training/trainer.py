@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .data import Example, Rows, load_examples, make_rows
-from .objective import joint_loss
+from .objective import block_loss, joint_loss
 
 METHODS = ("full", "draft_lora")
 TARGETS = ("data", "teacher")
@@ -44,6 +44,10 @@ class TrainConfig:
     alpha: float = 0.3
     eps: float = 1e-3
     draft_layout_rate: float = 0.0
+    draft_blocks: int = 0
+    denoise_layout_rate: float = 0.3
+    masked_layout_rate: float = 0.2
+    kl_weight: float = 0.5
     seq_length: int = 256
     pack: bool = True
     batch_size: int = 1
@@ -74,6 +78,18 @@ class TrainConfig:
             ("alpha", self.alpha >= 0 and math.isfinite(self.alpha), ">= 0"),
             ("eps", 0 < self.eps < 1, "in (0, 1)"),
             ("draft_layout_rate", 0 <= self.draft_layout_rate <= 1, "in [0, 1]"),
+            ("draft_blocks", self.draft_blocks >= 0,
+             "an integer >= 0 (0: aligned dual-stream noising)"),
+            ("draft_blocks", self.draft_blocks == 0 or self.method == "draft_lora",
+             "0 with --method full (sampled blocks train a draft adapter)"),
+            ("draft_blocks", self.draft_blocks == 0 or self.block_length >= 2,
+             "0 when block_length is 1 (a block needs a seed and a masked slot)"),
+            ("denoise_layout_rate", 0 <= self.denoise_layout_rate <= 1, "in [0, 1]"),
+            ("masked_layout_rate", 0 <= self.masked_layout_rate <= 1, "in [0, 1]"),
+            ("draft_layout_rate", self.draft_blocks == 0 or self.draft_layout_rate
+             + self.denoise_layout_rate + self.masked_layout_rate > 0,
+             "> 0 when draft, denoise and masked layout rates are all 0"),
+            ("kl_weight", 0 <= self.kl_weight <= 1, "in [0, 1]"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
             ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
             ("steps", self.steps >= 1, "an integer >= 1"),
@@ -163,6 +179,12 @@ class Trainer:
 
     def _loss(self, rows: Rows, idx: list[int], generator: torch.Generator):
         c = self.config
+        if c.draft_blocks:
+            return block_loss(self.model, rows.tokens[idx], rows.valid[idx], rows.loss[idx],
+                              generator, block_length=c.block_length, blocks=c.draft_blocks,
+                              layout_rates=(c.draft_layout_rate, c.denoise_layout_rate,
+                                            c.masked_layout_rate),
+                              eps=c.eps, kl_weight=c.kl_weight)
         return joint_loss(self.model, rows.tokens[idx], rows.valid[idx], rows.loss[idx],
                           generator, block_length=c.block_length, alpha=c.alpha, eps=c.eps,
                           draft_adapter=c.method == "draft_lora", targets=c.targets,
