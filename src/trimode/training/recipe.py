@@ -24,9 +24,9 @@ from pathlib import Path
 
 PROMPTS = 1740  # every prepared training prompt
 RECIPE = dict(method="draft_lora", lora_rank=16, lora_alpha=32.0, denoise=True,
-              targets="teacher", block_length=8, draft_blocks=32, draft_layout_rate=0.5,
-              denoise_layout_rate=0.3, masked_layout_rate=0.2, kl_weight=0.5,
-              seq_length=256, pack=True, batch_size=1, grad_accum=1, steps=1500, lr=1e-3,
+              targets="teacher", block_length=8, draft_blocks=32, draft_layout_rate=0.6,
+              denoise_layout_rate=0.25, masked_layout_rate=0.15, kl_weight=0.5,
+              seq_length=256, pack=False, batch_size=1, grad_accum=1, steps=2000, lr=1e-3,
               warmup_steps=20, min_lr_ratio=0.1, seed=0, eval_fraction=0.01,
               eval_every=500, eval_prompts=4, eval_max_tokens=32, save_every=25)
 
