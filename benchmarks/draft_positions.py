@@ -12,7 +12,9 @@ and its own slots (the linear_spec draft pass, spec 5.1; same layout as training
 the seed, which are ar tokens. Reports top-1 agreement with the ar chain per draft position
 (over all seeds), and the acceptance_length a greedy linear_spec decode would have
 (replaying the longest-agreeing-prefix + bonus rule from the first generated token), which
-bench_train.py's real decoder should reproduce up to the max_tokens cut. Also the masked
+bench_train.py's real decoder should reproduce up to the max_tokens cut, and the same replay
+with slot 1 always right (what a decoder giving slot 1 the base's causal logits would
+reach, its slots 2.. being the same pass's outputs). Also the masked
 layout (quadratic_spec draft segments: slot 0 masked too, drafts for slots 1..).
 """
 
@@ -49,14 +51,17 @@ def draft_table(model, ids: list[int], start: int, block: int, seed_visible: boo
     return logits.argmax(-1).view(len(seeds), block)
 
 
-def replay(ids: list[int], start: int, drafts: torch.Tensor) -> list[int]:
+def replay(ids: list[int], start: int, drafts: torch.Tensor, slot1_exact: bool = False) -> list[int]:
     """Acceptance lengths of greedy linear_spec from seed ``start`` (``drafts`` from
-    ``draft_table``): accept the longest prefix equal to the ar chain, plus the bonus."""
+    ``draft_table``): accept the longest prefix equal to the ar chain, plus the bonus.
+    ``slot1_exact``: as if slot 1 always held the ar token (the base's causal prediction
+    from the seed), slots 2.. unchanged."""
     out, s, n = [], start, len(ids)
     while s < n - 1:
         row = drafts[s - start]
         k = 0
-        while k + 1 < row.shape[0] and s + k + 1 < n and int(row[k + 1]) == ids[s + k + 1]:
+        while k + 1 < row.shape[0] and s + k + 1 < n and (
+                int(row[k + 1]) == ids[s + k + 1] or (slot1_exact and k == 0)):
             k += 1
         out.append(k + 1)
         s += k + 1
@@ -89,7 +94,7 @@ def main() -> None:
         model = LLM(draft_adapter=path, progress=False).model
         result = {"adapter": str(path), "block_length": b}
         for layout, visible in (("draft", True), ("masked", False)):
-            hits, total, acc = torch.zeros(b), torch.zeros(b), []
+            hits, total, acc, exact1 = torch.zeros(b), torch.zeros(b), [], []
             for prompt, answer in seqs:
                 ids = list(prompt) + list(answer)
                 start = len(prompt)
@@ -102,10 +107,12 @@ def main() -> None:
                         total[i] += len(s)
                 if visible:
                     acc += replay(ids, start, drafts)
+                    exact1 += replay(ids, start, drafts, slot1_exact=True)
             result[layout] = {f"pos{i}": round(float(hits[i] / total[i]), 3)
                               for i in range(1, b) if total[i]}
             if visible:
                 result["acceptance_length"] = round(sum(acc) / len(acc), 3)
+                result["acceptance_length_if_slot1_exact"] = round(sum(exact1) / len(exact1), 3)
         print(json.dumps(result), flush=True)
 
 
