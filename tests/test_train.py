@@ -272,7 +272,7 @@ def test_chat_loss_is_on_assistant_turns_only(small):
 
 def test_shipped_adapter_is_lossless_and_accepts_drafts(embedded_llm):
     """The embedded model's default tri-mode adapter: linear_spec equals ar exactly and
-    accepts well more than one token per verify (the untrained base: 1.04)."""
+    accepts well more than two tokens per verify (the untrained base: 1.04)."""
     from trimode.embedded import shipped_adapter
 
     assert shipped_adapter() is not None, "src/trimode/weights/smollm2-tri is missing"
@@ -283,7 +283,8 @@ def test_shipped_adapter_is_lossless_and_accepts_drafts(embedded_llm):
     spec = embedded_llm.chat(prompts, SamplingParams(mode="linear_spec", max_tokens=32,
                                                      block_length=8))
     assert [s.token_ids for s in spec] == [a.token_ids for a in ar]
-    assert sum(s.metrics.acceptance_length for s in spec) / 2 > 1.5
+    # measured 2.58 and 2.38 with the adapter shipped on 2026-11-29 (the previous one: ~2.1)
+    assert sum(s.metrics.acceptance_length for s in spec) / 2 > 2.2
 
 
 # -- sampled decode-time blocks (--draft-blocks) ----------------------------------------------
