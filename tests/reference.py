@@ -93,7 +93,10 @@ def ref_diffusion(oracle, prompt: list[int], max_tokens: int, block_length: int,
 
 def ref_linear_spec(oracle, prompt: list[int], max_tokens: int, block_length: int,
                     eos: set[int], mask_id: int):
-    """Spec 5.1 (threshold 0): one draft pass and one verify pass per cycle; exact match."""
+    """Spec 5.1 (threshold 0): one draft pass and one verify pass per cycle; exact match.
+    Draft slot 1 is the causal (ar) argmax after the seed (trimode's draft forward computes
+    it from a causal, adapter-off copy of the seed); slots 2.. come from the bidirectional
+    pass."""
     seed = int(argmax_no_mask(logits_of(oracle, prompt)[-1], mask_id))
     nfe, out = 1, [seed]
     while len(out) < max_tokens and not (set(out) & eos):
@@ -103,6 +106,7 @@ def ref_linear_spec(oracle, prompt: list[int], max_tokens: int, block_length: in
             z = logits_of(oracle, context + block, block_length, bidirectional=True)[-block_length:]
             nfe += 1
             block = [seed] + argmax_no_mask(z, mask_id)[1:].tolist()
+            block[1] = int(argmax_no_mask(logits_of(oracle, context + [seed])[-1:], mask_id)[0])
         a = argmax_no_mask(logits_of(oracle, context + block)[-block_length:], mask_id).tolist()
         nfe += 1
         c = 0

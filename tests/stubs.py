@@ -242,15 +242,22 @@ class StubModel:
             ad = bool(adapter[b].any()) if adapter.dim() == 2 else bool(adapter[b])
             record.append(dict(n=n, bidirectional=bidi, write=wr, adapter=ad,
                                length=length, tokens=toks))
-            fused = attention is not None and (not _plain(attention[b, :n, :n], offsets[b, :n], bidi)
-                                               or (not bidi and MASK in toks))
-            if not fused:
+            copy = attention is not None and _seed_copy(attention[b, :n, :n], offsets[b, :n], toks)
+            fused = attention is not None and not copy and (
+                not _plain(attention[b, :n, :n], offsets[b, :n], bidi) or (not bidi and MASK in toks))
+            if copy:  # linear_spec draft + causal seed copy: adapter on the block only
+                assert adapter[b, :n].tolist() == [True] * (n - 1) + [False]
+                assert not wr, "a draft pass must not commit its KV"
+            elif not fused:
                 assert not (ad and not bidi), "draft adapter on in a causal pass (spec 5.3)"
             else:  # fused row: the adapter is on exactly for the draft (mask) tokens
                 assert adapter[b, :n].tolist() == [tok == MASK for tok in toks]
             prefix = self.cached_tokens(cache, b)
             cache.keys[0][b, 0, length : length + n, 0] = torch.tensor(toks, dtype=torch.float64)
-            if fused:
+            if copy:
+                out[b, : n - 1] = self.drafter(self, prefix, toks[: n - 1])
+                out[b, n - 1] = self.ar_logits(prefix + toks[:1])
+            elif fused:
                 out[b, :n] = self.fused(prefix, toks, attention[b, :n, :n], offsets[b, :n])
             elif bidi:
                 assert not wr, "a bidirectional pass must not commit its KV"
@@ -285,6 +292,18 @@ class StubModel:
             wrong = right is not None and steps - 1 > right
             out[t, WRONG if wrong else guess] = logit_for(0.9, self.vocab)
         return out
+
+
+def _seed_copy(attention: torch.Tensor, offsets: torch.Tensor, toks: list[int]) -> bool:
+    """A linear_spec draft row with a causal copy of the seed last (``draft_with_seed_copy``):
+    a bidirectional block, then the seed again at offset 0 seeing only itself."""
+    n = attention.shape[0]
+    if n < 3 or toks[-1] != toks[0] or MASK not in toks:
+        return False
+    expected = torch.zeros(n, n, dtype=torch.bool)
+    expected[: n - 1, : n - 1] = True
+    expected[n - 1, n - 1] = True
+    return bool((attention == expected).all()) and offsets.tolist() == list(range(n - 1)) + [0]
 
 
 def _plain(attention: torch.Tensor, offsets: torch.Tensor, bidirectional: bool) -> bool:

@@ -57,9 +57,10 @@ def test_linear_spec_equals_reference_and_ar(seeded, block_length):
     outs = llm.generate(prompts, SamplingParams(mode="linear_spec", max_tokens=19,
                                                 block_length=block_length))
     for prompt, out in zip(prompts, outs):
-        spec_ids, _ = ref_linear_spec(oracle, prompt, 19, block_length, {EOS}, MASK)
+        spec_ids, spec_nfe = ref_linear_spec(oracle, prompt, 19, block_length, {EOS}, MASK)
         ar_ids, _ = ref_ar(oracle, prompt, 19, {EOS}, MASK)
         assert out.token_ids == spec_ids == ar_ids
+        assert out.metrics.nfe == spec_nfe  # the same drafts, so the same cycles
 
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "linear_spec"])

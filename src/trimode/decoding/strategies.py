@@ -121,6 +121,27 @@ class DiffusionStrategy:
         return sorted(chosen)
 
 
+def draft_with_seed_copy(block: list[int]) -> tuple:
+    """Step arguments of a linear_spec draft pass whose slot 1 comes from the base model.
+
+    ``block`` = ``[seed, MASK x (L-1)]`` runs bidirectionally with the adapter on, as in spec
+    5.1, plus one extra query: a copy of the seed at the seed's position that sees only the
+    cached prefix and itself, adapter off. Its logits are exactly the causal (ar) logits after
+    the seed, i.e. what the verify pass will compare draft 1 against, so draft 1 is always
+    right at temperature 0 and is drawn from the target distribution otherwise. A draft
+    adapter's own slot-1 guess agrees with ar only about 80% of the time on the embedded model
+    (benchmarks/sections/training.md), and a miss there ends the cycle. Used for one-pass
+    drafts (threshold 0, the default); multi-pass drafts keep spec 5.1's layout. Returns
+    ``(tokens, kind, bidirectional, write, adapter, attention, offsets, adapter_tokens)``.
+    """
+    length = len(block)
+    attention = torch.zeros(length + 1, length + 1, dtype=torch.bool)
+    attention[:length, :length] = True
+    attention[length, length] = True
+    return (block + [block[0]], "draft", True, False, True, attention,
+            list(range(length)) + [0], [True] * length + [False])
+
+
 class LinearSpecStrategy:
     """Self-speculation (spec 5.1), batched per row, lossless at any temperature.
 
@@ -147,11 +168,16 @@ class LinearSpecStrategy:
 
     def next_step(self, seq: Sequence) -> Step:
         if self.phase == "draft":
-            return Step(list(self.block), "draft", bidirectional=True, write=False, adapter=True)
+            if self.block[1] != seq.mask_token_id or seq.params.threshold != 0:
+                return Step(list(self.block), "draft", bidirectional=True, write=False,
+                            adapter=True)
+            return Step(*draft_with_seed_copy(self.block))
         return Step(list(self.block), "verify")
 
     def update(self, seq: Sequence, logits: torch.Tensor) -> None:
         if self.phase == "draft":
+            if logits.shape[0] > len(self.block):  # the causal seed copy gives slot 1
+                logits = torch.cat([logits[:1], logits[-1:], logits[2 : len(self.block)]])
             self._draft(seq, logits)
         else:
             self._verify(seq, logits)
