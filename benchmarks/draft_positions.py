@@ -25,6 +25,8 @@ import json
 
 import torch
 
+from trimode.training.masks import block_layout_mask
+
 
 @torch.no_grad()
 def draft_table(model, ids: list[int], start: int, block: int, seed_visible: bool) -> torch.Tensor:
@@ -40,11 +42,7 @@ def draft_table(model, ids: list[int], start: int, block: int, seed_visible: boo
     noisy = torch.full_like(pos, mask_id)
     if seed_visible:
         noisy.view(len(seeds), block)[:, 0] = seeds.clone().apply_(lambda s: ids[s])
-    begin = seeds.repeat_interleave(block)
-    clean = torch.arange(n)[None, :] < begin[:, None]
-    block_id = torch.arange(len(seeds)).repeat_interleave(block)
-    own = block_id[:, None] == block_id[None, :]
-    attn = torch.cat([clean, own], 1)[None, None]
+    attn = block_layout_mask(seeds[None], block, torch.ones(1, n, dtype=torch.bool))
     h = model.run(noisy, cache, write=False, adapter=True, offsets=pos - n, mask=attn)
     logits = model.logits(h)[0].clone()
     logits[:, mask_id] = float("-inf")

@@ -164,10 +164,9 @@ def test_resumed_run_is_bit_identical(small, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(straight.params, first.params))
 
 
-def test_compact_draft_pass_gives_the_same_loss(small):
-    """Skipping blocks without masks in the draft-adapter grad pass changes nothing."""
+def lora_model(small):
+    """The small checkpoint with an r=4 LoRA whose B matrices are random (so it acts)."""
     from trimode.training.lora import attach_lora
-    from trimode.training.objective import joint_loss
 
     model = LLM(str(small[0]), draft_adapter="none").model
     attach_lora(model, 4, 8.0, seed=0)
@@ -175,6 +174,14 @@ def test_compact_draft_pass_gives_the_same_loss(small):
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0, 0.1)
+    return model
+
+
+def test_compact_draft_pass_gives_the_same_loss(small):
+    """Skipping blocks without masks in the draft-adapter grad pass changes nothing."""
+    from trimode.training.objective import joint_loss
+
+    model = lora_model(small)
     tokens = torch.randint(4, 90, (2, 24))
     loss = torch.ones_like(tokens, dtype=torch.bool)
     loss[:, :9] = False
@@ -318,16 +325,10 @@ def test_sample_blocks_start_at_targets_and_follow_their_layout():
 def test_block_loss_equals_the_decoders_own_draft_passes(small):
     """Each sampled block's loss equals that of a real draft pass: a causal prefill of the
     tokens before the block, then one bidirectional adapter-on pass over the block."""
-    from trimode.training.lora import attach_lora
     from trimode.training.masks import sample_blocks
     from trimode.training.objective import block_loss
 
-    model = LLM(str(small[0]), draft_adapter="none").model
-    attach_lora(model, 4, 8.0, seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.1)
+    model = lora_model(small)
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(4, 90, (2, 24), generator=gen)
     valid = torch.ones_like(tokens, dtype=torch.bool)

@@ -121,7 +121,7 @@ class DiffusionStrategy:
         return sorted(chosen)
 
 
-def draft_with_seed_copy(block: list[int]) -> tuple:
+def draft_with_seed_copy(block: list[int]) -> Step:
     """Step arguments of a linear_spec draft pass whose slot 1 comes from the base model.
 
     ``block`` = ``[seed, MASK x (L-1)]`` runs bidirectionally with the adapter on, as in spec
@@ -131,15 +131,15 @@ def draft_with_seed_copy(block: list[int]) -> tuple:
     right at temperature 0 and is drawn from the target distribution otherwise. A draft
     adapter's own slot-1 guess agrees with ar only about 80% of the time on the embedded model
     (benchmarks/sections/training.md), and a miss there ends the cycle. Used for one-pass
-    drafts (threshold 0, the default); multi-pass drafts keep spec 5.1's layout. Returns
-    ``(tokens, kind, bidirectional, write, adapter, attention, offsets, adapter_tokens)``.
+    drafts (threshold 0, the default); multi-pass drafts keep spec 5.1's layout.
     """
     length = len(block)
     attention = torch.zeros(length + 1, length + 1, dtype=torch.bool)
     attention[:length, :length] = True
     attention[length, length] = True
-    return (block + [block[0]], "draft", True, False, True, attention,
-            list(range(length)) + [0], [True] * length + [False])
+    return Step(block + [block[0]], "draft", bidirectional=True, write=False, adapter=True,
+                attention=attention,
+                offsets=list(range(length)) + [0], adapter_tokens=[True] * length + [False])
 
 
 class LinearSpecStrategy:
@@ -171,7 +171,7 @@ class LinearSpecStrategy:
             if self.block[1] != seq.mask_token_id or seq.params.threshold != 0:
                 return Step(list(self.block), "draft", bidirectional=True, write=False,
                             adapter=True)
-            return Step(*draft_with_seed_copy(self.block))
+            return draft_with_seed_copy(self.block)
         return Step(list(self.block), "verify")
 
     def update(self, seq: Sequence, logits: torch.Tensor) -> None:

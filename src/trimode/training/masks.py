@@ -80,6 +80,24 @@ def chain_valid(tokens: torch.Tensor, teacher: torch.Tensor, masked: torch.Tenso
 LAYOUTS = ("draft", "denoise", "masked")
 
 
+def block_layout_mask(starts: torch.Tensor, block_length: int,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, Q, L + Q]`` bool mask (Q = K x block_length) for ``model.run(mask=...)``.
+
+    ``starts`` ``[B, K]``: block k of row b covers positions ``starts[b, k] ..`` and its
+    queries see the row's cached clean keys before ``starts[b, k]`` that are ``valid``
+    (``[B, L]``) plus every slot of their own block: a decoder's draft / denoise pass
+    (spec 3, 5.1), many blocks in one forward.
+    """
+    b, k = starts.shape
+    length = valid.shape[1]
+    block_start = starts.repeat_interleave(block_length, 1)  # [B, Q]
+    clean = (torch.arange(length)[None, None, :] < block_start[:, :, None]) & valid[:, None, :]
+    block_id = torch.arange(k).repeat_interleave(block_length)
+    own = (block_id[:, None] == block_id[None, :])[None].expand(b, -1, -1)
+    return torch.cat([clean, own], 2)[:, None]
+
+
 def sample_blocks(valid: torch.Tensor, loss_mask: torch.Tensor, block_length: int, blocks: int,
                   layout_rates: tuple[float, float, float], generator: torch.Generator,
                   eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

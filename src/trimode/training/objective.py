@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import TriModeModel
-from .masks import chain_valid, dual_stream_mask, noise, sample_blocks
+from .masks import block_layout_mask, chain_valid, dual_stream_mask, noise, sample_blocks
 
 HEAD_CHUNK = 1024  # rows per lm-head call: bounds the [rows, vocab] logits in memory
 
@@ -166,11 +166,7 @@ def block_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
     target = (valid & loss_mask).gather(1, pos)
     scored = masked & chain & target & present.repeat_interleave(block_length, 1)
     scored &= pos >= 1  # position 0 has no AR prediction
-    block_id = torch.arange(k).repeat_interleave(block_length)
-    block_start = starts.repeat_interleave(block_length, 1)  # [B, Q]
-    clean_ok = (torch.arange(length)[None, None, :] < block_start[:, :, None]) & valid[:, None, :]
-    own = (block_id[:, None] == block_id[None, :])[None].expand(b, -1, -1)
-    attn = torch.cat([clean_ok, own], 2)[:, None]  # [B, 1, Q, L + Q]
+    attn = block_layout_mask(starts, block_length, valid)
     h = model.run(noisy, cache, write=False, adapter=True, offsets=pos - length, mask=attn)
     n = int(scored.sum())
     if n == 0:
