@@ -37,6 +37,13 @@ class KVCache:
             raise ValueError(f"crop lengths {lengths.tolist()} must lie in [0, {self.lengths.tolist()}]")
         self.lengths = lengths.to(self.lengths).clone()
 
+    def copy_positions(self, src: int, dst: int, n: int) -> None:
+        """Copy the keys/values of row ``src``'s first ``n`` positions into row ``dst``
+        (lengths unchanged). The one way the engine moves KV between rows, so a
+        tensor-parallel cache can replay it on every rank."""
+        for buf in (*self.keys, *self.values):
+            buf[dst, :, :n] = buf[src, :, :n]
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (int64 indices), in that order (drops finished requests)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
@@ -155,8 +162,7 @@ class KVPool:
         moved = None
         if row != last:
             n = int(self.cache.lengths[last])
-            for buf in (*self.cache.keys, *self.cache.values):
-                buf[row, :, :n] = buf[last, :, :n]
+            self.cache.copy_positions(last, row, n)
             self.cache.lengths[row] = n
             moved = last
         self.cache.lengths[last] = 0

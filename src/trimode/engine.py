@@ -357,8 +357,7 @@ class Engine:
         if best < self.config.min_shared_prefix:
             return 0
         cache = self.pool.cache
-        for buf in (*cache.keys, *cache.values):
-            buf[seq.row, :, :best] = buf[source, :, :best]
+        cache.copy_positions(source, seq.row, best)
         cache.lengths[seq.row] = best
         self.shared_prefix_tokens += best
         return best

@@ -40,6 +40,12 @@ class LLM:
     kv_cache_memory: bytes for the KV pool (caps max_batch_size); None: max_batch_size rows.
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
     auto: the ``mode="auto"`` policy (``engine.AutoPolicy``).
+    tensor_parallel_size: ranks the model is sharded over (torch.distributed: NCCL on CUDA,
+        one GPU per rank; gloo on CPU); this process is rank 0 and spawns the others, or
+        see ``distributed`` and README "Scaling out". Call ``close()`` to stop them.
+    distributed: a ``trimode.distributed.Launch`` (nnodes, node_rank, master_addr,
+        master_port) for ranks on several machines; on every machine but rank 0's the
+        constructor serves rank 0's forwards and exits the process when rank 0 closes.
     Raises CheckpointError (a ValueError) for unreadable or inconsistent checkpoints and
     ValueError for out-of-range settings.
     """
@@ -49,7 +55,8 @@ class LLM:
                  draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 auto: AutoPolicy | None = None):
+                 auto: AutoPolicy | None = None, tensor_parallel_size: int = 1,
+                 distributed=None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
@@ -82,11 +89,26 @@ class LLM:
             from .adapter import load_draft_adapter
 
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
+        if tensor_parallel_size != 1 or distributed is not None:
+            self.model = _tensor_parallel(self.model, model, draft_adapter, tensor_parallel_size,
+                                          distributed)
         self.max_batch_size = max_batch_size
         self.engine = Engine(self.model, engine_config)
         # a tri-mode adapter (trimode train) is also on for diffusion denoising passes
         self.engine.denoise_adapter = bool(self.draft_adapter is not None and self.draft_adapter.denoise)
         self._async = None
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return getattr(self.model, "tensor_parallel_size", 1)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (no-op otherwise); the LLM is unusable after."""
+        if self._async is not None:
+            self._async.shutdown()
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
 
     def generate(self, prompts: Prompt | Seq[Prompt],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -210,6 +232,16 @@ class StreamChunk:
     finished: bool
     finish_reason: str | None
     update: RequestUpdate
+
+
+def _tensor_parallel(model, path, adapter, size, launch):
+    from .distributed import ModelSpec, start
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel_size must be an integer >= 1; got {size!r}")
+    spec = ModelSpec(str(path), str(model.dtype).removeprefix("torch."), str(model.device),
+                     None if adapter is None else str(adapter))
+    return start(model, spec, size, launch)
 
 
 def _is_single(prompts) -> bool:
