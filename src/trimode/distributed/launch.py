@@ -11,8 +11,8 @@ Three ways to run N ranks, all on torch.distributed (NCCL on CUDA, gloo on CPU):
 
 Every rank loads the full checkpoint (and draft adapter), keeps its shard and frees the rest.
 A process that is not global rank 0 never returns from ``start``: it serves rank 0's
-forwards and exits when rank 0 closes the group. Timeout of each collective:
-``TRIMODE_TP_TIMEOUT_S`` (default 300 s).
+forwards and exits when rank 0 closes the group. Timeout of each collective in a forward:
+``TRIMODE_TP_TIMEOUT_S`` (default 300 s); start-up may take 10 minutes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .layers import Shard, check_divisible, shard_model
 from .runner import TensorParallelModel, worker_loop
 
 log = logging.getLogger("trimode.distributed")
-IDLE = timedelta(days=365)  # the step-plan channel waits as long as the server idles
+START = timedelta(minutes=10)  # rendezvous and loading
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,10 @@ def start(model, spec: ModelSpec, size: int, launch: Launch | None = None) -> Te
     method = "env://" if torchrun else f"tcp://{addr}:{port}"
     workers = [] if torchrun else _spawn(spec, size, local, rank, method)
     try:
-        shard = _join(method, rank, size, spec.device, local)
+        shard, control = _join(method, rank, size, spec.device, local)
         model = _shard_on_device(model, shard, spec, rank % local if not torchrun else
                                  int(os.environ["LOCAL_RANK"]))
-        control = _control_group()
-        _handshake(None, control)
+        _handshake(None)
     except BaseException:
         for p in workers:
             p.terminate()
@@ -121,7 +120,8 @@ def start(model, spec: ModelSpec, size: int, launch: Launch | None = None) -> Te
         raise
     if rank != 0:  # a node > 0 under the torchrun-style flags, or torchrun's other ranks
         _serve_and_exit(model, shard, control, workers)
-    return TensorParallelModel(model, shard, control, workers, lambda ok: _close(workers, ok))
+    return TensorParallelModel(model, shard, control, workers, lambda ok: _close(workers, ok),
+                               heartbeat=min(60.0, timeout().total_seconds() / 3))
 
 
 def _spawn(spec: ModelSpec, size: int, local: int, first: int, method: str) -> list:
@@ -145,13 +145,13 @@ def _join(method: str, rank: int, size: int, device: str, local: int) -> Shard:
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group is already initialised in this "
                            "process; close the other tensor-parallel LLM first (LLM.close())")
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=method, rank=rank,
-                            world_size=size, timeout=timeout())
-    return Shard(rank, size, None)
-
-
-def _control_group():
-    return dist.new_group(backend="gloo", timeout=IDLE)
+    backend = "nccl" if cuda else "gloo"
+    # the rendezvous waits for ranks still importing torch; collectives get timeout()
+    dist.init_process_group(backend, init_method=method, rank=rank, world_size=size,
+                            timeout=max(START, timeout()))
+    compute = dist.new_group(backend=backend, timeout=timeout())
+    control = dist.new_group(backend="gloo", timeout=timeout())
+    return Shard(rank, size, compute), control
 
 
 def _shard_on_device(model, shard: Shard, spec: ModelSpec, local_rank: int):
@@ -162,10 +162,10 @@ def _shard_on_device(model, shard: Shard, spec: ModelSpec, local_rank: int):
     return shard_model(model, shard)
 
 
-def _handshake(error: str | None, control) -> None:
+def _handshake(error: str | None) -> None:
     """Every rank says whether it loaded; raises RuntimeError with the first failure."""
     states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, error, group=control)
+    dist.all_gather_object(states, error)  # the default group: start-up's long timeout
     failed = [f"rank {r}: {e}" for r, e in enumerate(states) if e]
     if failed:
         raise RuntimeError("tensor-parallel start failed: " + "; ".join(failed))
@@ -175,14 +175,13 @@ def run_worker(spec: ModelSpec, size: int, local: int, rank: int, method: str,
                local_rank: int) -> None:
     """Entry of a spawned rank: load, shard, replay rank 0's forwards, exit."""
     logging.basicConfig(level=logging.INFO, format=f"trimode rank {rank}: %(message)s")
-    shard = _join(method, rank, size, spec.device, local)
-    control = _control_group()
+    shard, control = _join(method, rank, size, spec.device, local)
     try:
         model = _shard_on_device(load_spec(spec, local_rank), shard, spec, local_rank)
         error = None
     except Exception as exc:  # noqa: BLE001 - reported to rank 0 by the handshake
         model, error = None, f"{type(exc).__name__}: {exc}"
-    _handshake(error, control)
+    _handshake(error)
     _serve_and_exit(model, shard, control, [])
 
 
@@ -213,10 +212,10 @@ def _serve_and_exit(model, shard: Shard, control, workers: list) -> None:
 
 
 def _close(workers: list, clean: bool) -> None:
-    for p in workers:
+    for p in workers:  # processes this rank spawned: stopped cleanly, or killed (hung ones too)
         p.join(timeout=10 if clean else 0)
         if p.is_alive():
-            p.terminate()
+            p.kill()
             p.join(timeout=5)
     if dist.is_initialized():
         try:

@@ -9,12 +9,16 @@ rank runs its shard of the same forward (``layers.py``: two all-reduces per laye
 logits are gathered to rank 0 alone. Decisions (commits, accept lengths, sampling) never
 leave rank 0: the other ranks only ever hear token ids and lengths.
 A rank that dies or a collective that times out fails the call with a RuntimeError naming
-the cause; the handle is then down (``failure``) and later calls fail at once.
+the cause; the handle is then down (``failure``) and later calls fail at once. While the
+engine idles, a heartbeat on the step-plan channel keeps the other ranks' waits inside the
+collective timeout and notices a lost rank before the next request does.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import weakref
 
 import torch
@@ -60,11 +64,13 @@ class TensorParallelModel:
     """Rank 0's shard of a model plus the broadcast of every forward to the other ranks.
 
     ``model``: this rank's shard (``layers.shard_model``); ``shard``: the compute group;
-    ``control``: a gloo group for the step plan (no timeout while idle); ``workers``: the
-    processes trimode spawned (checked before each call; empty under torchrun).
+    ``control``: a gloo group for the step plan; ``workers``: the processes trimode spawned
+    (checked before each call; empty under torchrun); ``heartbeat``: seconds of silence
+    after which an idle rank 0 sends a no-op (well under the collective timeout).
     """
 
-    def __init__(self, model, shard: Shard, control, workers=(), on_close=None):
+    def __init__(self, model, shard: Shard, control, workers=(), on_close=None,
+                 heartbeat: float = 60.0):
         self.model, self.shard, self.control = model, shard, control
         self.workers = list(workers)
         self.config = model.config
@@ -73,6 +79,10 @@ class TensorParallelModel:
         self._roots: dict[int, weakref.ref] = {}
         self._ids = 0
         self._on_close = on_close
+        self._lock = threading.Lock()  # one message on the channel at a time
+        self._sent = time.monotonic()
+        threading.Thread(target=self._beat, args=(heartbeat,), daemon=True,
+                         name="trimode-tp-heartbeat").start()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -107,7 +117,7 @@ class TensorParallelModel:
         return self._collective(lambda: self._forward(plan, tokens, cache, bound))
 
     def _forward(self, plan, tokens, cache, bound):
-        _send(("forward", plan), self.control)
+        self._send(("forward", plan))
         return self.model(tokens, cache, **bound)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -115,7 +125,7 @@ class TensorParallelModel:
         hidden = hidden.contiguous()
 
         def run():
-            _send(("logits", {"shape": tuple(hidden.shape), "dtype": hidden.dtype}), self.control)
+            self._send(("logits", {"shape": tuple(hidden.shape), "dtype": hidden.dtype}))
             dist.broadcast(hidden, group=self.shard.group, group_src=0)
             return self.model.logits(hidden)
 
@@ -123,17 +133,35 @@ class TensorParallelModel:
 
     def close(self) -> None:
         """Stop the other ranks and leave the process group (idempotent)."""
-        if self._on_close is None:
-            return
-        if self.failure is None:
-            try:
-                _send(("stop", None), self.control)
-            except Exception:  # noqa: BLE001 - a dead group cannot be told to stop
-                log.warning("tensor-parallel stop message not delivered", exc_info=True)
-        on_close, self._on_close = self._on_close, None
+        with self._lock:
+            if self._on_close is None:
+                return
+            if self.failure is None:
+                try:
+                    self._send(("stop", None))
+                except Exception:  # noqa: BLE001 - a dead group cannot be told to stop
+                    log.warning("tensor-parallel stop message not delivered", exc_info=True)
+            on_close, self._on_close = self._on_close, None
         on_close(self.failure is None)
 
     # ------------------------------------------------------------------ internals
+
+    def _send(self, message) -> None:
+        _send(message, self.control)
+        self._sent = time.monotonic()
+
+    def _beat(self, interval: float) -> None:
+        while True:
+            time.sleep(interval / 4)
+            with self._lock:
+                if self._on_close is None:
+                    return  # closed or failed
+                if time.monotonic() - self._sent < interval:
+                    continue
+                try:
+                    self._send(("noop", None))
+                except Exception as exc:  # noqa: BLE001 - reported like a failed forward
+                    self._mark_failed(self._why(exc))
 
     def _take_ops(self) -> list[tuple]:
         ops, self._pending = self._pending, []
@@ -154,27 +182,42 @@ class TensorParallelModel:
         raise ValueError("this cache was not made by the tensor-parallel model's new_cache")
 
     def _collective(self, run):
-        if self.failure is not None:
-            raise RuntimeError(f"tensor-parallel group is down: {self.failure}")
-        dead = [f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-                for rank, p in enumerate(self.workers, start=1) if not p.is_alive()]
-        if dead:
-            self._fail("; ".join(dead))
-        try:
-            return run()
-        except ValueError:
-            raise  # a bad request fails identically on every rank, before any collective
-        except Exception as exc:  # noqa: BLE001 - a dead peer or a timeout: the group is lost
-            self._fail(f"{type(exc).__name__}: {exc}".strip())
+        with self._lock:
+            if self.failure is not None:
+                raise RuntimeError(f"tensor-parallel group is down: {self.failure}")
+            dead = self._dead()
+            if dead:
+                self._fail(dead)
+            try:
+                return run()
+            except ValueError:
+                raise  # a bad request fails identically on every rank, before any collective
+            except Exception as exc:  # noqa: BLE001 - a dead peer or a timeout: the group is lost
+                self._fail(self._why(exc))
+
+    def _why(self, exc: Exception) -> str:
+        cause = f"{type(exc).__name__}: {str(exc).split('. This is typically')[0]}"
+        return "; ".join(filter(None, (self._dead(wait=1.0), cause)))
+
+    def _dead(self, wait: float = 0.0) -> str:
+        """Which spawned ranks have exited ('' when all live); waits up to ``wait`` s for
+        a dying one to be reaped."""
+        for p in self.workers:
+            p.join(timeout=wait / max(len(self.workers), 1))
+        return "; ".join(f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+                         for rank, p in enumerate(self.workers, start=1) if not p.is_alive())
 
     def _fail(self, why: str):
+        self._mark_failed(why)
+        raise RuntimeError(f"tensor-parallel group failed: {why}")
+
+    def _mark_failed(self, why: str) -> None:
         self.failure = why
         log.error("tensor-parallel group failed (%d ranks): %s; this engine stops serving "
                   "and its requests end with an error", self.shard.world, why)
         if self._on_close is not None:
             on_close, self._on_close = self._on_close, None
             on_close(False)
-        raise RuntimeError(f"tensor-parallel group failed: {why}")
 
 
 def worker_loop(model, shard: Shard, control) -> None:
@@ -186,6 +229,8 @@ def worker_loop(model, shard: Shard, control) -> None:
         kind, body = _receive(control)
         if kind == "stop":
             return
+        if kind == "noop":
+            continue
         if kind == "logits":
             hidden = torch.empty(body["shape"], dtype=body["dtype"], device=model.device)
             dist.broadcast(hidden, group=shard.group, group_src=0)
