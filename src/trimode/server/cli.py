@@ -51,6 +51,27 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    help="take the auto policy from a crossover.json written by `trimode bench`")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    x = p.add_argument_group("scaling out (README 'Scaling out')")
+    x.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model over N ranks (one GPU each on cuda, gloo on cpu); "
+                   "N must divide the attention heads (default: 1)")
+    x.add_argument("--nnodes", type=int, default=1, metavar="N",
+                   help="machines the tensor-parallel ranks span; run the same command on "
+                   "each with its --node-rank (default: 1)")
+    x.add_argument("--node-rank", type=int, default=0, metavar="K",
+                   help="this machine's index in [0, nnodes); only node 0 serves HTTP")
+    x.add_argument("--master-addr", default=None, metavar="HOST",
+                   help="node 0's address, reachable from every node (needed with --nnodes > 1)")
+    x.add_argument("--master-port", type=int, default=None, metavar="PORT",
+                   help="a free TCP port on node 0 for the rendezvous")
+    x.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: --replicas engines behind one endpoint "
+                   "(needs pip install 'trimode[ray]')")
+    x.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="with --ray: engine replicas, each holding the whole model (default: 1)")
+    x.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray: an existing Ray cluster (default: RAY_ADDRESS, else a "
+                   "local one)")
     d = p.add_argument_group("request defaults (used when a request omits the field)")
     d.add_argument("--mode", choices=MODES, default="auto",
                    help="auto picks a mode per request from the load (default: auto)")
@@ -69,47 +90,117 @@ def add_serve_parser(sub, threshold_arg) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Load, start the engine, serve until interrupted. Raises UsageError for bad flags."""
-    from ..cli import UsageError
+    check_flags(args)
+    if args.ray:
+        from ..entrypoints.ray import run
 
-    server_config(args, None)  # bad defaults fail before the model loads
-    if args.max_batch_size < 1:
-        raise UsageError(f"--max-batch-size must be an integer >= 1; got {args.max_batch_size}")
-    if args.max_model_len is not None and args.max_model_len < 1:
-        raise UsageError(f"--max-model-len must be an integer >= 1; got {args.max_model_len}")
-    if not 0 <= args.port <= 65535:
-        raise UsageError(f"--port must be in [0, 65535]; got {args.port}")
-    auto = auto_policy(args)
+        return run(args)
     import uvicorn
 
-    from .. import LLM
-    from ..engine import AsyncEngine
-    from .app import build_app
-
-    model = args.model
-    if model is None:
-        from ..embedded import default_model_dir, shipped_adapter
-
-        model = default_model_dir(progress=False)
-        if args.draft_adapter is None:
-            args.draft_adapter = shipped_adapter()  # as LLM() does for the embedded model
-        if auto is None:
-            from ..embedded import default_auto_policy
-
-            auto = default_auto_policy()
-    llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=args.draft_adapter,
-              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-              progress=False, auto=auto)
-    engine = AsyncEngine(llm)
+    llm, engine, app = build_server(args)
     try:
-        app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
-                        server_config(args, llm, model))
         # Open streams are cancelled (and their engine requests aborted) after 5 s of a
         # graceful shutdown instead of keeping the process alive until they finish.
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
+        llm.close()
     return 0
+
+
+def serve_args(options: dict) -> argparse.Namespace:
+    """``trimode serve`` args from ``{flag without dashes: value}`` (a Ray Serve config's
+    ``args``); raises UsageError for an unknown flag or a bad value."""
+    from ..cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    switches = {o for a in sub.choices["serve"]._actions if isinstance(a, argparse._StoreTrueAction)
+                for o in a.option_strings}
+    argv = ["serve"]
+    for key, value in options.items():
+        flag = "--" + str(key).replace("_", "-")
+        if flag in switches:
+            argv += [flag] if str(value).lower() in ("1", "true", "yes") else []
+        else:
+            argv += [flag, str(value)]
+    return parser.parse_args(argv)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Raise UsageError naming the flag for a bad value, before anything loads."""
+    from ..cli import UsageError
+
+    server_config(args, None)  # bad defaults fail before the model loads
+    for flag, low in (("max_batch_size", 1), ("tensor_parallel_size", 1), ("nnodes", 1),
+                      ("replicas", 1)):
+        if getattr(args, flag) < low:
+            raise UsageError(f"--{flag.replace('_', '-')} must be an integer >= {low}; "
+                             f"got {getattr(args, flag)}")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise UsageError(f"--max-model-len must be an integer >= 1; got {args.max_model_len}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535]; got {args.port}")
+    if args.replicas > 1 and not args.ray:
+        raise UsageError("--replicas needs --ray (replicas are Ray Serve's)")
+    if args.ray and args.nnodes > 1:
+        raise UsageError("--ray places replicas on the Ray cluster's nodes; --nnodes is for "
+                         "one tensor-parallel engine across machines without Ray")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UsageError(f"--node-rank must be in [0, {args.nnodes - 1}] (--nnodes "
+                         f"{args.nnodes}); got {args.node_rank}")
+    if args.nnodes > 1 and (args.master_addr is None or args.master_port is None):
+        raise UsageError(f"--nnodes {args.nnodes} needs --master-addr and --master-port "
+                         "(node 0's address and a free port there)")
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise UsageError(f"--master-port must be in [1, 65535]; got {args.master_port}")
+    if args.tensor_parallel_size % args.nnodes:
+        raise UsageError(f"--tensor-parallel-size {args.tensor_parallel_size} must be a "
+                         f"multiple of --nnodes {args.nnodes}")
+
+
+def launch(args: argparse.Namespace):
+    """The ``distributed.Launch`` the --nnodes/--node-rank/--master-* flags ask for, or None."""
+    if args.nnodes == 1 and args.master_addr is None and args.master_port is None:
+        return None
+    from ..distributed import Launch
+
+    return Launch(args.nnodes, args.node_rank, args.master_addr, args.master_port)
+
+
+def build_server(args: argparse.Namespace):
+    """(LLM, AsyncEngine, FastAPI app) for checked ``args``; a tensor-parallel rank other
+    than 0 never returns (it serves rank 0's forwards, then exits)."""
+    from .. import LLM
+    from ..engine import AsyncEngine
+    from .app import build_app
+
+    auto = auto_policy(args)
+    model, adapter = args.model, args.draft_adapter
+    if model is None:
+        from ..embedded import default_model_dir, shipped_adapter
+
+        model = default_model_dir(progress=False)
+        if adapter is None:
+            adapter = shipped_adapter()  # as LLM() does for the embedded model
+        if auto is None:
+            from ..embedded import default_auto_policy
+
+            auto = default_auto_policy()
+    llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=adapter,
+              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+              progress=False, auto=auto, tensor_parallel_size=args.tensor_parallel_size,
+              distributed=launch(args))
+    engine = AsyncEngine(llm)
+    try:
+        app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
+                        server_config(args, llm, model))
+    except BaseException:
+        engine.shutdown()
+        llm.close()
+        raise
+    return llm, engine, app
 
 
 def auto_policy(args: argparse.Namespace):

@@ -1,0 +1,1 @@
+"""Entry points: the Python API, the CLI, the HTTP server, and Ray Serve replicas."""
