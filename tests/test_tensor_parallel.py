@@ -10,6 +10,9 @@ import json
 import logging
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -100,15 +103,61 @@ def test_sharded_logits_equal_full_logits(odd, odd_tp):
     assert int(cache.lengths[0]) == 6
 
 
-def test_split_kv_heads_and_streaming(tiny, tiny_llm, tp_llm):
-    """The default tiny model (4 heads, 2 KV heads: one per rank), vocabulary 96."""
-    llm = tp_llm(str(tiny[0]))
-    assert llm.tensor_parallel_size == 2
-    mixed = [greedy(m) for m in (*MODES, "diffusion")]
-    assert_same(tiny_llm.generate(PROMPTS, mixed), llm.generate(PROMPTS, mixed))
-    chunks = list(llm.stream(PROMPTS[0], greedy("linear_spec")))
-    ref = tiny_llm.generate(PROMPTS[0], greedy("linear_spec"))[0]
-    assert sum((c.token_ids for c in chunks), []) == ref.token_ids
+def _fail_a_rank(llm, caplog, signum: int, expect: str) -> None:
+    worker = llm.model.workers[0]
+    try:
+        assert llm.generate(PROMPTS[0], greedy("ar"))[0].finish_reason == "length"
+        os.kill(worker.pid, signum)
+        with caplog.at_level(logging.ERROR, logger="trimode.distributed"):
+            out = llm.generate(PROMPTS[:2], [greedy("ar"), greedy("diffusion")])
+        assert [o.finish_reason for o in out] == ["error", "error"]
+        assert expect in out[0].error and "tensor-parallel group failed" in out[0].error
+        assert "tensor-parallel group failed (2 ranks)" in caplog.text
+        again = llm.generate(PROMPTS[0], greedy("ar"))[0]  # fails at once, no hang
+        assert again.finish_reason == "error" and "tensor-parallel group is down" in again.error
+    finally:
+        if worker.is_alive():
+            worker.kill()
+        llm.close()
+
+
+def test_a_dead_rank_ends_requests_with_an_error(odd, caplog, tp_llm):
+    """Breaks the shared odd group (the last test to use it)."""
+    llm = tp_llm(odd[0], draft_adapter=odd[1])
+    _fail_a_rank(llm, caplog, signal.SIGKILL, "rank 1 (pid")
+    tp_llm("none")
+
+
+def test_split_kv_heads_and_streaming_across_two_nodes(tiny, tiny_llm, tp_llm):
+    """The default tiny model (4 heads, 2 KV heads: one per rank), vocabulary 96, with the
+    torchrun-style flags: rank 1 is ``trimode serve --nnodes 2 --node-rank 1`` in another
+    process (loopback), which exits 0 when rank 0 closes the group."""
+    port = _free_port()
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "trimode", "serve", "--model", str(tiny[0]),
+         "--tensor-parallel-size", "2", "--nnodes", "2", "--node-rank", "1",
+         "--master-addr", "127.0.0.1", "--master-port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        llm = tp_llm(str(tiny[0]), distributed=Launch(2, 0, "127.0.0.1", port))
+        assert llm.tensor_parallel_size == 2 and llm.model.workers == []
+        mixed = [greedy(m) for m in (*MODES, "diffusion")]
+        assert_same(tiny_llm.generate(PROMPTS, mixed), llm.generate(PROMPTS, mixed))
+        chunks = list(llm.stream(PROMPTS[0], greedy("linear_spec")))
+        ref = tiny_llm.generate(PROMPTS[0], greedy("linear_spec"))[0]
+        assert sum((c.token_ids for c in chunks), []) == ref.token_ids
+        tp_llm("none")
+        assert node1.wait(timeout=60) == 0, node1.stderr.read()
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_geometry_and_device_errors(tiny, monkeypatch):
@@ -132,31 +181,6 @@ def test_geometry_and_device_errors(tiny, monkeypatch):
             pytest.fail("needs a machine with fewer than 2 GPUs")
     with pytest.raises(ValueError, match="master_addr and master_port are needed"):
         Launch(nnodes=2, node_rank=1)
-
-
-def _fail_a_rank(llm, caplog, signum: int, expect: str) -> None:
-    worker = llm.model.workers[0]
-    try:
-        assert llm.generate(PROMPTS[0], greedy("ar"))[0].finish_reason == "length"
-        os.kill(worker.pid, signum)
-        with caplog.at_level(logging.ERROR, logger="trimode.distributed"):
-            out = llm.generate(PROMPTS[:2], [greedy("ar"), greedy("diffusion")])
-        assert [o.finish_reason for o in out] == ["error", "error"]
-        assert expect in out[0].error and "tensor-parallel group failed" in out[0].error
-        assert "tensor-parallel group failed (2 ranks)" in caplog.text
-        again = llm.generate(PROMPTS[0], greedy("ar"))[0]  # fails at once, no hang
-        assert again.finish_reason == "error" and "tensor-parallel group is down" in again.error
-    finally:
-        if worker.is_alive():
-            worker.kill()
-        llm.close()
-
-
-def test_a_dead_rank_ends_requests_with_an_error(tiny, caplog, tp_llm):
-    """Breaks the shared tiny group (the last test to use it)."""
-    llm = tp_llm(str(tiny[0]))
-    _fail_a_rank(llm, caplog, signal.SIGKILL, "rank 1 (pid")
-    tp_llm("none")
 
 
 @pytest.mark.slow  # a group of its own (~15 s on a loaded 2-core machine)
