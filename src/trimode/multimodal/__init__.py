@@ -1,0 +1,11 @@
+"""Image input for NLD-VLM checkpoints (Nemotron-Labs-Diffusion-VLM): config, preprocessing,
+the vision tower + projector, prompt building and the engine glue.
+
+The decoder is the text model unchanged; an image only changes the embeddings of its
+``<|image_pad|>`` prompt positions during the causal prefill (docs: spec "vlm-tp-quant" 1).
+"""
+
+from .config import VisionSpec
+from .image import ImageError, ImageInput
+
+__all__ = ["VisionSpec", "ImageError", "ImageInput"]
