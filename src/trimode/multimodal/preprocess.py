@@ -47,9 +47,19 @@ def image_token_ids(rows: int, cols: int, ids: tuple[int, int, int, int] = (18, 
     return out
 
 
+def require_cv2():
+    """OpenCV (the remote processor's resize); ImportError naming the extra to install."""
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError("image input needs OpenCV: pip install 'trimode[vlm]' "
+                          "(opencv-python-headless)") from None
+    return cv2
+
+
 def preprocess(img, longest_edge: int = 1400, cell: int = 28) -> ImageInput:
     """A PIL RGB image -> :class:`ImageInput` (``pixel_values`` ``[3, H, W]`` float32)."""
-    import cv2
+    cv2 = require_cv2()
 
     pixels = np.asarray(img.convert("RGB"), dtype=np.float32)  # [h, w, 3], 0..255
     h, w = target_size(pixels.shape[0], pixels.shape[1], longest_edge, cell)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..config import CheckpointError
 from .config import IMAGE_TOKENS, VisionSpec
 from .image import ImageError, ImageInput, ImageLimits, load_image
-from .preprocess import image_token_ids, preprocess
+from .preprocess import image_token_ids, preprocess, require_cv2
 
 
 def split_messages(messages: list[dict]) -> tuple[list[dict], list[tuple[str, object]]]:
@@ -90,7 +90,9 @@ def chat_prompt(tokenizer, spec: VisionSpec | None, messages: list[dict],
 
 
 def check_tokenizer(tokenizer, spec: VisionSpec) -> None:
-    """Fail fast when the tokenizer's image tokens are not the ids the model expects."""
+    """Fail fast when the tokenizer's image tokens are not the ids the model expects, or
+    OpenCV (for preprocessing) is missing."""
+    require_cv2()
     for name, want in zip(IMAGE_TOKENS, spec.token_ids):
         got = tokenizer.hf.convert_tokens_to_ids(name)
         if got != want:
