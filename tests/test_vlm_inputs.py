@@ -17,7 +17,7 @@ from trimode import LLM, SamplingParams
 from trimode.multimodal.image import ImageError, ImageLimits, load_image
 from trimode.multimodal.preprocess import (CLIP_MEAN, CLIP_STD, grid_size, image_token_ids,
                                            preprocess)
-from trimode.multimodal.tiny import write_tiny_vlm
+from trimode.checkpoint.tiny_vlm import write_tiny_vlm
 from vlm_utils import random_image
 
 GRID = [((1400, 1400), (50, 50)), ((1540, 1540), (50, 50)), ((28, 28), (1, 1)),
@@ -124,8 +124,8 @@ def test_too_many_images_and_paths(vlm_llm, tmp_path):
 
 @pytest.fixture(scope="module")
 def vlm_server(vlm_dir):
-    from trimode.engine import AsyncEngine
-    from trimode.server.app import ServerConfig, build_app
+    from trimode.engine.engine import AsyncEngine
+    from trimode.entrypoints.server.app import ServerConfig, build_app
 
     llm = LLM(str(vlm_dir))
     engine = AsyncEngine(llm)
@@ -173,8 +173,8 @@ def test_server_bad_images_400_and_keeps_serving(vlm_server):
 
 
 def test_text_only_server_refuses_images(tiny):
-    from trimode.engine import AsyncEngine
-    from trimode.server.app import ServerConfig, build_app
+    from trimode.engine.engine import AsyncEngine
+    from trimode.entrypoints.server.app import ServerConfig, build_app
 
     llm = LLM(str(tiny[0]))
     engine = AsyncEngine(llm)
@@ -187,7 +187,7 @@ def test_text_only_server_refuses_images(tiny):
 
 
 def test_cli_generate_with_images(vlm_dir, vlm_llm, tmp_path, capsys):
-    from trimode.cli import main
+    from trimode.entrypoints.cli.main import main
 
     paths = []
     for i in range(2):

@@ -12,7 +12,7 @@ Knows nothing about the engine.
 
 from __future__ import annotations
 
-from ..config import CheckpointError
+from ..model.config import CheckpointError
 from .config import IMAGE_TOKENS, VisionSpec
 from .image import ImageError, ImageInput, ImageLimits, load_image
 from .preprocess import image_token_ids, preprocess, require_cv2

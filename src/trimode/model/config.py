@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .multimodal.config import VisionSpec
+    from ..multimodal.config import VisionSpec
 
 NLD_MODEL_TYPES = ("nemotron_labs_diffusion", "nemotron_labs_diffusion_vlm")  # VLM: + vision_config
 CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "ministral", "ministral3")
@@ -181,7 +181,7 @@ def _bad_field(raw: dict[str, Any]) -> str:
 
 
 def _vision(raw: dict[str, Any]):
-    from .multimodal.config import VLM_MODEL_TYPES, vision_spec_from_dict
+    from ..multimodal.config import VLM_MODEL_TYPES, vision_spec_from_dict
 
     if raw.get("model_type") not in VLM_MODEL_TYPES:
         return None

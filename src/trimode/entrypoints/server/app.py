@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..params import SamplingParams
-from ..multimodal.image import ImageLimits
-from ..multimodal.prompt import chat_prompt
+from ...params import SamplingParams
+from ...multimodal.image import ImageLimits
+from ...multimodal.prompt import chat_prompt
 from .generation import Job
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, RequestError, _Sampling,

@@ -1,6 +1,6 @@
 """A tiny random NLD-VLM checkpoint, written in the real layout, for tests and demos.
 
-``python -m trimode.multimodal.tiny OUT`` writes ``OUT/`` with ``config.json`` (text fields
+``python -m trimode.checkpoint.tiny_vlm OUT`` writes ``OUT/`` with ``config.json`` (text fields
 at the root, ``vision_config``, ``spatial_merge_size``, vocab 97: odd on purpose, as the real
 131,073), two safetensors shards plus ``model.safetensors.index.json`` (text weights
 ``encoder.*`` + ``diffusion_head.weight``; vision weights ``encoder.vision_tower.*`` and
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import IMAGE_TOKENS, vision_spec_from_dict
+from ..multimodal.config import IMAGE_TOKENS, vision_spec_from_dict
 
 NLD_ROPE = {"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0,
             "original_max_position_embeddings": 16384, "max_position_embeddings": 262144,
@@ -116,5 +116,5 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m trimode.multimodal.tiny OUT_DIR")
+        sys.exit("usage: python -m trimode.checkpoint.tiny_vlm OUT_DIR")
     print(write_tiny_vlm(sys.argv[1])[0])

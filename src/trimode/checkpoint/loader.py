@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import CheckpointError, ModelConfig
-from .model import TriModeModel
+from ..model.config import CheckpointError, ModelConfig
+from ..model.model import TriModeModel
 
 CAUSAL_LM_RENAMES = (("model.", "encoder."), ("lm_head.", "diffusion_head."))
 # NLD-VLM vision weights sit under encoder. (most likely) or at the top level (spec vlm 1.3)
@@ -80,7 +80,7 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = resolve(model)
     if ckpt.gguf_file is not None:
-        from .gguf_reader import read_gguf
+        from .gguf import read_gguf
 
         config, tensors = read_gguf(ckpt.gguf_file)
         source = str(ckpt.gguf_file)
@@ -91,13 +91,13 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         net = TriModeModel(config)
         if config.vision is not None:  # NLD-VLM: + Pixtral tower and Mistral3 projector
-            from .multimodal.vision import attach_vision
+            from ..model.vision import attach_vision
 
             attach_vision(net, config.vision)
     assign_weights(net, tensors, config, dtype)
     net.rotary = type(net.rotary)(config.rope, config.head_dim)
     if config.vision is not None:
-        from .multimodal.vision import materialize_vision_buffers
+        from ..model.vision import materialize_vision_buffers
 
         materialize_vision_buffers(net, config.vision)
     return net.to(device).eval(), ckpt

@@ -15,8 +15,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .config import VisionSpec
-from .image import ImageInput
+from ..multimodal.config import VisionSpec
+from ..multimodal.image import ImageInput
 
 
 def attach_vision(net: nn.Module, spec: VisionSpec) -> None:
