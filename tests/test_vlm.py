@@ -6,6 +6,7 @@ text requests in one batch, prefix sharing keyed by image content, and the loade
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -175,3 +176,34 @@ def test_images_rejected_by_text_only_checkpoints(tiny_llm, vlm):
         tiny_llm.chat(conversation(random_image(1)))
     with pytest.raises(ValueError, match="image pad tokens"):
         vlm[0].generate([[1, 5, PAD, 6]])  # pads without an image
+
+
+def test_8b_shaped_key_and_shape_contract():
+    """The 8B geometry on the meta device (no memory): the parameter names and shapes the
+    loader expects are spec vlm-tp-quant 1.3's, and the total is the reported 8.92B."""
+    from trimode.checkpoint.tiny_vlm import tiny_vlm_config
+    from trimode.model.config import ModelConfig
+    from trimode.model.model import TriModeModel
+    from trimode.model.vision import attach_vision
+
+    raw = tiny_vlm_config(vocab_size=131073)
+    raw.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=34,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    raw["vision_config"].update(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                num_attention_heads=16, head_dim=64)
+    config = ModelConfig.from_dict(raw)
+    with torch.device("meta"):
+        net = TriModeModel(config)
+        attach_vision(net, config.vision)
+    shapes = {n: tuple(p.shape) for n, p in net.named_parameters()}
+    v, m = "encoder.vision_tower.", "encoder.multi_modal_projector."
+    assert shapes[v + "patch_conv.weight"] == (1024, 3, 14, 14)
+    assert shapes[v + "transformer.layers.23.attention.q_proj.weight"] == (1024, 1024)
+    assert shapes[v + "transformer.layers.23.feed_forward.gate_proj.weight"] == (4096, 1024)
+    assert shapes[m + "patch_merger.merging_layer.weight"] == (1024, 4096)
+    assert shapes[m + "linear_1.weight"] == (4096, 1024)
+    assert shapes[m + "linear_2.weight"] == (4096, 4096)
+    assert shapes["encoder.embed_tokens.weight"] == shapes["diffusion_head.weight"] == (131073, 4096)
+    assert not any(n.endswith("bias") for n in shapes)
+    total = sum(math.prod(s) for s in shapes.values())
+    assert abs(total - 8.918e9) < 0.005e9, total
