@@ -44,8 +44,8 @@ MODES = {"ar": {}, "diffusion": {"block_length": 32, "threshold": 0.9},
 
 def nano_model(vocab: int = 131072, seed: int = 0):
     """The NLD-shaped nano model (random weights, fp32, CPU)."""
-    from trimode.config import ModelConfig
-    from trimode.model import TriModeModel
+    from trimode.model.config import ModelConfig
+    from trimode.model.model import TriModeModel
 
     config = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -76,7 +76,7 @@ class ModelTimer:
 def measure(model, timer: ModelTimer, mode: str, batch: int, steps: int,
             temperature: float) -> dict:
     """Per-step means over ``steps`` measured engine steps of ``batch`` requests."""
-    from trimode.engine import Engine, EngineConfig
+    from trimode.engine.engine import Engine, EngineConfig
     from trimode.params import SamplingParams
 
     engine = Engine(model, EngineConfig(max_num_seqs=batch, max_model_len=1024,
