@@ -207,3 +207,11 @@ def test_8b_shaped_key_and_shape_contract():
     assert not any(n.endswith("bias") for n in shapes)
     total = sum(math.prod(s) for s in shapes.values())
     assert abs(total - 8.918e9) < 0.005e9, total
+
+
+def test_auto_mode_keeps_the_images(vlm):
+    """auto resolves to a new Sequence at admission; it must carry the image features."""
+    conv = conversation(random_image(31, 90, 60))
+    auto = vlm[0].chat(conv, SamplingParams(mode="auto", max_tokens=10, block_length=4))[0]
+    ar = vlm[0].chat(conv, SamplingParams(mode="ar", max_tokens=10))[0]
+    assert auto.mode in ("linear_spec", "quadratic_spec") and auto.token_ids == ar.token_ids

@@ -28,12 +28,14 @@ class ImageError(ValueError):
 @dataclass(frozen=True)
 class ImageLimits:
     """max_images per request; max_bytes of one encoded image; max_side and max_pixels of
-    one decoded image (checked from the header, before decoding the pixels)."""
+    one decoded image (checked from the header, before decoding the pixels); local_files:
+    whether paths and ``file://`` URLs are read (never for the server's clients)."""
 
     max_images: int = 8
     max_bytes: int = 20 * 2**20
     max_side: int = 10_000
     max_pixels: int = 40_000_000
+    local_files: bool = True
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +73,8 @@ def load_image(source, limits: ImageLimits = ImageLimits(), name: str = "image")
     if source.startswith(("http://", "https://", "ftp://")):
         raise ImageError(f"{name}: remote URLs are not fetched; send the image as a "
                          "data:image/...;base64 URL")
+    if not limits.local_files:
+        raise ImageError(f"{name}: only data:image/...;base64 URLs are accepted here")
     path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
     try:
         size = path.stat().st_size

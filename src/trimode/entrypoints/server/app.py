@@ -56,7 +56,7 @@ class ServerConfig:
 
 
 def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=None,
-              image_limits: ImageLimits = ImageLimits()) -> FastAPI:
+              image_limits: ImageLimits = ImageLimits(local_files=False)) -> FastAPI:
     """engine: an ``AsyncEngine`` (or anything with its validate / generate / abort / stats).
     tokenizer: trimode's Tokenizer (encode, decode, apply_chat_template, check_ids).
     vision: the checkpoint's ``VisionSpec`` (NLD-VLM: ``image_url`` parts with ``data:`` URLs
@@ -113,7 +113,11 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
     async def _serve(request: Request, body, endpoint: str):
         mode = body.mode or config.mode
         try:
-            jobs, prompt_tokens = _jobs(body, endpoint)
+            if endpoint == "chat" and any(m.parts() != m.text() for m in body.messages):
+                # decoding and resizing images takes a while: off the event loop
+                jobs, prompt_tokens = await asyncio.to_thread(_jobs, body, endpoint)
+            else:
+                jobs, prompt_tokens = _jobs(body, endpoint)
         except RequestError as exc:
             metrics.requests.labels(endpoint, mode, str(exc.status)).inc()
             return JSONResponse(error_body(str(exc), exc.param, exc.kind), status_code=exc.status)
