@@ -52,9 +52,9 @@ def synthetic_checkpoint(directory: Path) -> Path:
     """Random weights in the NLD layout with the embedded model's tokenizer."""
     from safetensors.torch import save_file
 
-    from trimode.config import ModelConfig
-    from trimode.embedded import default_model_dir
-    from trimode.model import TriModeModel
+    from trimode.model.config import ModelConfig
+    from trimode.checkpoint.embedded import default_model_dir
+    from trimode.model.model import TriModeModel
 
     source = Path(default_model_dir(progress=False))
     raw = json.loads((source / "config.json").read_text())
@@ -124,7 +124,7 @@ def bench_ray(args) -> list[dict]:
     from ray import serve
 
     from trimode.entrypoints.ray import application
-    from trimode.server.cli import serve_args
+    from trimode.entrypoints.server.cli import serve_args
 
     port = 8765
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

@@ -37,7 +37,7 @@ def _free_port() -> int:
 def endpoint(tiny):
     """(base URL, deployment handle) of 2 replicas; Ray and Serve are shut down after."""
     from trimode.entrypoints.ray import application
-    from trimode.server.cli import check_flags, serve_args
+    from trimode.entrypoints.server.cli import check_flags, serve_args
 
     port = _free_port()
     args = serve_args({"model": str(tiny[0]), "ray": True, "replicas": 2, "max-batch-size": 16,

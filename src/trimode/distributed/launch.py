@@ -187,8 +187,8 @@ def run_worker(spec: ModelSpec, size: int, local: int, rank: int, method: str,
 
 def load_spec(spec: ModelSpec, local_rank: int):
     """Load the full model (and adapter) on this rank's device, as rank 0 did."""
-    from ..adapter import load_draft_adapter
-    from ..loader import load_model
+    from ..checkpoint.adapter import load_draft_adapter
+    from ..checkpoint.loader import load_model
 
     dtype = getattr(torch, spec.dtype) if spec.dtype else None
     device = spec.device

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import Linear, TriModeModel
+from ..model.model import Linear, TriModeModel
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def shard_model(model: TriModeModel, shard: Shard) -> TriModeModel:
 
 def new_local_cache(model: TriModeModel, rows: int, capacity: int, zeroed: bool = True, cls=None):
     """A KV cache for a sharded model: this rank's KV heads only."""
-    from ..cache import KVCache
+    from ..model.kv_cache import KVCache
 
     c = model.config
     return (cls or KVCache)(c.num_hidden_layers, rows, model.kv_heads_local, c.head_dim,

@@ -24,11 +24,11 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..cache import KVCache
+from ..model.kv_cache import KVCache
 from .layers import Shard, new_local_cache
 
 log = logging.getLogger("trimode.distributed")
-FORWARD_ARGS = ("n_valid", "bidirectional", "write", "adapter", "attention", "offsets")
+FORWARD_ARGS = ("n_valid", "bidirectional", "write", "adapter", "attention", "offsets", "embeds")
 
 
 class ShardedKVCache(KVCache):
@@ -57,6 +57,10 @@ def _receive(group):
 
 
 def _cpu(value):
+    """Tensors (also inside tuples, e.g. a VLM prefill's ``embeds``) moved to the host for
+    pickling; other ranks move them to their own device."""
+    if isinstance(value, tuple):
+        return tuple(_cpu(v) for v in value)
     return value.cpu() if isinstance(value, torch.Tensor) else value
 
 

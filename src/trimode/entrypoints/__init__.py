@@ -1,1 +1,1 @@
-"""Entry points: the Python API, the CLI, the HTTP server, and Ray Serve replicas."""
+"""What users call: the Python API (llm), the command line (cli), the HTTP server and Ray Serve replicas (ray)."""

@@ -41,7 +41,7 @@ class TrimodeServer:
     """One replica: one engine and the OpenAI app over it."""
 
     def __init__(self, args: argparse.Namespace):
-        from ..server.cli import build_server
+        from .server.cli import build_server
 
         logging.basicConfig(level=args.log_level.upper())
         self.llm, self.engine, self._app = build_server(args)
@@ -82,7 +82,7 @@ def application(args: argparse.Namespace):
 def build(options: dict):
     """Application builder for ``serve run trimode.entrypoints.ray:build key=value ...``:
     keys are ``trimode serve`` flags without the dashes (``replicas=2``, ``model=PATH``)."""
-    from ..server.cli import check_flags, serve_args
+    from .server.cli import check_flags, serve_args
 
     args = serve_args(options)
     check_flags(args)

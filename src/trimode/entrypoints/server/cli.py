@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..params import MODES
+from ...params import MODES
 
 FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
          "top_k": "--top-k", "top_p": "--top-p", "block_length": "--block-length",
@@ -92,7 +92,7 @@ def serve(args: argparse.Namespace) -> int:
     """Load, start the engine, serve until interrupted. Raises UsageError for bad flags."""
     check_flags(args)
     if args.ray:
-        from ..entrypoints.ray import run
+        from ..ray import run
 
         return run(args)
     import uvicorn
@@ -112,7 +112,7 @@ def serve(args: argparse.Namespace) -> int:
 def serve_args(options: dict) -> argparse.Namespace:
     """``trimode serve`` args from ``{flag without dashes: value}`` (a Ray Serve config's
     ``args``); raises UsageError for an unknown flag or a bad value."""
-    from ..cli import build_parser
+    from ..cli.main import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -130,7 +130,7 @@ def serve_args(options: dict) -> argparse.Namespace:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Raise UsageError naming the flag for a bad value, before anything loads."""
-    from ..cli import UsageError
+    from ..cli.main import UsageError
 
     server_config(args, None)  # bad defaults fail before the model loads
     for flag, low in (("max_batch_size", 1), ("tensor_parallel_size", 1), ("nnodes", 1),
@@ -164,7 +164,7 @@ def launch(args: argparse.Namespace):
     """The ``distributed.Launch`` the --nnodes/--node-rank/--master-* flags ask for, or None."""
     if args.nnodes == 1 and args.master_addr is None and args.master_port is None:
         return None
-    from ..distributed import Launch
+    from ...distributed import Launch
 
     return Launch(args.nnodes, args.node_rank, args.master_addr, args.master_port)
 
@@ -172,20 +172,20 @@ def launch(args: argparse.Namespace):
 def build_server(args: argparse.Namespace):
     """(LLM, AsyncEngine, FastAPI app) for checked ``args``; a tensor-parallel rank other
     than 0 never returns (it serves rank 0's forwards, then exits)."""
-    from .. import LLM
-    from ..engine import AsyncEngine
+    from ... import LLM
+    from ...engine.engine import AsyncEngine
     from .app import build_app
 
     auto = auto_policy(args)
     model, adapter = args.model, args.draft_adapter
     if model is None:
-        from ..embedded import default_model_dir, shipped_adapter
+        from ...checkpoint.embedded import default_model_dir, shipped_adapter
 
         model = default_model_dir(progress=False)
         if adapter is None:
             adapter = shipped_adapter()  # as LLM() does for the embedded model
         if auto is None:
-            from ..embedded import default_auto_policy
+            from ...checkpoint.embedded import default_auto_policy
 
             auto = default_auto_policy()
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=adapter,
@@ -195,7 +195,7 @@ def build_server(args: argparse.Namespace):
     engine = AsyncEngine(llm)
     try:
         app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
-                        server_config(args, llm, model))
+                        server_config(args, llm, model), vision=llm.config.vision)
     except BaseException:
         engine.shutdown()
         llm.close()
@@ -206,8 +206,8 @@ def build_server(args: argparse.Namespace):
 def auto_policy(args: argparse.Namespace):
     """The AutoPolicy the --auto-* flags ask for, or None (the LLM's default). Raises
     UsageError for bad values."""
-    from ..cli import UsageError
-    from ..engine import AutoPolicy
+    from ..cli.main import UsageError
+    from ...engine.engine import AutoPolicy
 
     if args.auto_crossover is not None:
         if args.auto_parallel_mode is not None or args.auto_max_parallel_batch is not None:
@@ -231,8 +231,8 @@ def auto_policy(args: argparse.Namespace):
 def server_config(args: argparse.Namespace, llm, model=None):
     """The request defaults from the flags, checked through SamplingParams (UsageError
     naming the flag). With ``llm``, the full ServerConfig."""
-    from ..cli import UsageError
-    from ..params import SamplingParams
+    from ..cli.main import UsageError
+    from ...params import SamplingParams
 
     try:
         SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
