@@ -5,8 +5,9 @@
 
 tp: a random NLD-shaped checkpoint (hidden 1024, 16 heads / 8 KV heads, FFN 4096, 8 layers,
   the embedded model's 49,152-token vocabulary; SmolLM2-135M itself has 9 heads, which 2
-  ranks cannot split) decoded greedily by ``LLM(tensor_parallel_size=1)`` and ``=2`` (gloo,
-  one thread per rank), interleaved round by round, at batch 1 and 8, ar and linear_spec;
+  ranks cannot split) decoded greedily by ``LLM(tensor_parallel_size=1)`` (all cores, and
+  one thread) and ``=2`` (gloo, one thread per rank), interleaved round by round: ar at
+  batch 1 and 8, linear_spec at batch 8;
   outputs must be token-identical. tokens/s = generated tokens / wall time.
 ray: the embedded model behind Ray Serve (``trimode.entrypoints.ray``) with 1 then 2
   replicas (one CPU each), 16 concurrent ``/v1/completions`` requests (ar, greedy), rounds
@@ -90,27 +91,29 @@ def bench_tp(args) -> list[dict]:
     single = LLM(str(ckpt), draft_adapter=False, max_batch_size=8)
     sharded = LLM(str(ckpt), draft_adapter=False, max_batch_size=8, tensor_parallel_size=2)
     rows = []
+    cores = os.cpu_count()
+    runs = (("tp1", single, cores), ("tp1_1thread", single, 1), ("tp2", sharded, max(1, cores // 2)))
     try:
-        for mode in ("ar", "linear_spec"):
+        for mode, batch in (("ar", 1), ("ar", 8), ("linear_spec", 8)):
             params = SamplingParams(mode=mode, max_tokens=args.max_tokens, temperature=0)
-            for batch in (1, 8):
-                prompts = PROMPTS[:batch]
-                walls = {1: [], 2: []}
-                for _ in range(args.rounds):  # interleaved: tp1, tp2, tp1, tp2, ...
-                    for tp, llm in ((1, single), (2, sharded)):
-                        torch.set_num_threads(os.cpu_count() if tp == 1 else max(1, os.cpu_count() // 2))
-                        wall, tokens, ids = timed(llm, prompts, params)
-                        walls[tp].append(wall)
-                        if tp == 1:
-                            want = ids
-                        elif ids != want:
-                            raise SystemExit(f"tp 2 differs from tp 1 ({mode}, batch {batch})")
-                best = {tp: min(w) for tp, w in walls.items()}
-                rows.append({"mode": mode, "batch": batch, "tokens": tokens,
-                             "tp1_tokens_per_s": tokens / best[1], "tp2_tokens_per_s": tokens / best[2],
-                             "speedup": best[1] / best[2]})
-                print(f"tp  {mode:12s} batch {batch}: tp1 {tokens / best[1]:7.1f} tok/s, "
-                      f"tp2 {tokens / best[2]:7.1f} tok/s, x{best[1] / best[2]:.2f}", flush=True)
+            prompts = PROMPTS[:batch]
+            walls: dict[str, list] = {name: [] for name, _, _ in runs}
+            want = None
+            for _ in range(args.rounds):  # interleaved: tp1, tp1 at 1 thread, tp2, tp1, ...
+                for name, llm, threads in runs:
+                    torch.set_num_threads(threads)  # tp2: this rank's threads (each rank 1)
+                    wall, tokens, ids = timed(llm, prompts, params)
+                    walls[name].append(wall)
+                    if want is None:
+                        want = ids
+                    elif ids != want:
+                        raise SystemExit(f"{name} differs from tp1 ({mode}, batch {batch})")
+            row = {"mode": mode, "batch": batch, "tokens": tokens}
+            row.update({f"{n}_tokens_per_s": tokens / min(w) for n, w in walls.items()})
+            row["speedup"] = min(walls["tp1"]) / min(walls["tp2"])
+            rows.append(row)
+            print(f"tp  {mode:12s} batch {batch}: " + ", ".join(
+                f"{n} {tokens / min(w):6.1f} tok/s" for n, w in walls.items()), flush=True)
     finally:
         sharded.close()
     return rows
@@ -170,9 +173,11 @@ def section(cpu: str, tp: list[dict], rays: list[dict], command: str) -> str:
         lines += ["Tensor parallel (gloo, 2 ranks with one thread each vs 1 process with all "
                   "cores), random NLD-shaped model (hidden 1024, 16/8 heads, FFN 4096, 8 layers, "
                   "vocab 49,152), greedy, outputs token-identical:", "",
-                  "| mode | batch | tp 1 tok/s | tp 2 tok/s | tp 2 / tp 1 |", "|---|---|---|---|---|"]
+                  "| mode | batch | tp 1 tok/s (all cores) | tp 1 tok/s (1 thread) | tp 2 tok/s | "
+                  "tp 2 / tp 1 (all cores) |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['mode']} | {r['batch']} | {r['tp1_tokens_per_s']:.1f} | "
-                  f"{r['tp2_tokens_per_s']:.1f} | {r['speedup']:.2f} |" for r in tp]
+                  f"{r['tp1_1thread_tokens_per_s']:.1f} | {r['tp2_tokens_per_s']:.1f} | "
+                  f"{r['speedup']:.2f} |" for r in tp]
         lines.append("")
     if rays:
         lines += ["Ray Serve replicas of the embedded model (one CPU each), 16 concurrent "

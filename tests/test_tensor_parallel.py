@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -190,3 +191,21 @@ def test_a_hung_rank_times_out(tiny, caplog, monkeypatch, tp_llm):
     start = time.perf_counter()
     _fail_a_rank(LLM(str(tiny[0]), tensor_parallel_size=2), caplog, signal.SIGSTOP, "")
     assert time.perf_counter() - start < 60
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"tensor-parallel-size": 0}, "--tensor-parallel-size must be an integer >= 1"),
+    ({"replicas": 2}, "--replicas needs --ray"),
+    ({"nnodes": 2, "tensor-parallel-size": 2}, "--nnodes 2 needs --master-addr and --master-port"),
+    ({"nnodes": 2, "node-rank": 2}, "--node-rank must be in [0, 1]"),
+    ({"nnodes": 2, "tensor-parallel-size": 3, "master-addr": "h", "master-port": 1},
+     "--tensor-parallel-size 3 must be a multiple of --nnodes 2"),
+    ({"ray": True, "nnodes": 2, "tensor-parallel-size": 2, "master-addr": "h",
+      "master-port": 1}, "--ray places replicas"),
+])
+def test_serve_scale_flags_fail_before_loading(flags, message):
+    from trimode.entrypoints.cli.main import UsageError
+    from trimode.entrypoints.server.cli import check_flags, serve_args
+
+    with pytest.raises(UsageError, match=re.escape(message)):
+        check_flags(serve_args(flags))

@@ -101,6 +101,9 @@ def start(model, spec: ModelSpec, size: int, launch: Launch | None = None) -> Te
     launch = launch or Launch()
     check_divisible(model.config, size)
     torchrun = under_torchrun()
+    if torchrun and int(os.environ["WORLD_SIZE"]) != size:
+        raise ValueError(f"tensor_parallel_size {size} must equal torchrun's WORLD_SIZE "
+                         f"{os.environ['WORLD_SIZE']}")
     local = int(os.environ["LOCAL_WORLD_SIZE"]) if torchrun else check_devices(size, spec.device, launch)
     rank = int(os.environ["RANK"]) if torchrun else launch.node_rank * local
     addr = launch.master_addr or "127.0.0.1"
