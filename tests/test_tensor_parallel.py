@@ -116,10 +116,25 @@ def _fail_a_rank(llm, caplog, signum: int, expect: str) -> None:
         assert "tensor-parallel group failed (2 ranks)" in caplog.text
         again = llm.generate(PROMPTS[0], greedy("ar"))[0]  # fails at once, no hang
         assert again.finish_reason == "error" and "tensor-parallel group is down" in again.error
+        assert _health(llm) == 503
     finally:
         if worker.is_alive():
             worker.kill()
         llm.close()
+
+
+def _health(llm) -> int:
+    from fastapi.testclient import TestClient
+
+    from trimode.engine.engine import AsyncEngine
+    from trimode.entrypoints.server.app import ServerConfig, build_app
+
+    engine = AsyncEngine(llm)
+    try:
+        app = build_app(engine, llm.tokenizer, llm.config.vocab_size, ServerConfig("tiny"))
+        return TestClient(app).get("/health").status_code
+    finally:
+        engine.shutdown()
 
 
 def test_a_dead_rank_ends_requests_with_an_error(odd, caplog, tp_llm):

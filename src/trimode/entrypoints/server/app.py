@@ -86,8 +86,12 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
 
     @app.get("/health")
     async def health():
-        """200 while the engine answers."""
+        """200 while the engine answers; 503 once its tensor-parallel group is down."""
         engine.stats()
+        failure = getattr(getattr(getattr(engine, "engine", None), "model", None), "failure", None)
+        if failure:
+            return JSONResponse(error_body(f"tensor-parallel group is down: {failure}", None,
+                                           "service_unavailable"), status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
