@@ -42,23 +42,24 @@ class AsyncEngine:
         if self.llm is not None:
             self.llm._async = self
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams,
+                 images: list | None = None) -> None:
         """Raise ValueError (naming the field) if the request could never run here."""
-        self.engine.validate(prompt_ids, params)
+        self.engine.validate(prompt_ids, params, images)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None):
+                       request_id: str | None = None, images: list | None = None):
         """Yield this request's RequestUpdates until it finishes (the last has
         ``finished=True``). Raises ValueError for a request that can never run."""
         import asyncio
 
-        self.validate(prompt_ids, params)
+        self.validate(prompt_ids, params, images)
         request_id = f"async-{next(self._ids)}" if request_id is None else str(request_id)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._ensure_thread()
         with self._lock:
-            self._inbox.append(("add", request_id, list(prompt_ids), params, loop, queue))
+            self._inbox.append(("add", request_id, list(prompt_ids), params, loop, queue, images))
         self._wake.set()
         finished = False
         try:
@@ -118,7 +119,7 @@ class AsyncEngine:
             items, self._inbox = list(self._inbox), deque()
         for item in items:
             if item[0] == "add":
-                _, request_id, prompt_ids, params, loop, queue = item
+                _, request_id, prompt_ids, params, loop, queue, images = item
                 if request_id in self._streams or request_id in self.engine.requests:
                     # a duplicate id: refuse it without touching the request that owns it
                     loop.call_soon_threadsafe(queue.put_nowait, ValueError(
@@ -126,7 +127,7 @@ class AsyncEngine:
                     continue
                 self._streams[request_id] = (loop, queue)
                 try:
-                    self.engine.add_request(prompt_ids, params, request_id)
+                    self.engine.add_request(prompt_ids, params, request_id, images=images)
                 except Exception as exc:  # noqa: BLE001 - delivered to the caller
                     self._deliver(request_id, exc if isinstance(exc, ValueError) else
                                   RuntimeError(f"{type(exc).__name__}: {exc}"))

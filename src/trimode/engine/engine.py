@@ -36,6 +36,7 @@ import torch
 
 from ..decoding.registry import STRATEGIES, scratch_slots
 from ..decoding.sequence import Sequence, Step
+from ..multimodal.requests import attach_features, check_images, prefill_step
 from ..params import SamplingParams
 from . import model_runner
 from .config import EngineConfig
@@ -100,19 +101,23 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None,
-                    on_step: Callable[[Sequence], None] | None = None) -> str:
+                    on_step: Callable[[Sequence], None] | None = None,
+                    images: list | None = None) -> str:
         """Queue a request; it joins the batch at the next step that has room.
 
         ``prompt_ids``: validated token ids (see ``Tokenizer.check_ids``). Returns the
         request id. Raises ValueError when the request can never run here: a mode the
         checkpoint cannot run, prompt + generation over the context limit or
         ``max_model_len``, a prompt over ``max_num_batched_tokens``, or a duplicate id.
+        ``images``: preprocessed ``ImageInput``s whose features fill the prompt's image pad
+        tokens in order (the vision tower runs here, once per image).
         """
-        self.validate(prompt_ids, params)
+        self.validate(prompt_ids, params, images)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = self._sequence(prompt_ids, params)
+        attach_features(self.model, seq, images)
         seq.request_id = request_id
         seq.on_step = on_step
         self.requests[request_id] = seq
@@ -129,12 +134,14 @@ class Engine:
         self.waiting.append(seq)
         return seq.request_id
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams,
+                 images: list | None = None) -> None:
         """Raise ValueError (naming the field and limit) if the request could never run."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {params!r}")
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt must be a non-empty list of token ids")
+        check_images(self.model, list(prompt_ids), images)
         modes = (params.mode,) if params.mode != "auto" else ("ar", self.config.auto.parallel_mode)
         for mode in modes:
             self._check_fits(prompt_ids, replace(params, mode=mode))
@@ -208,7 +215,7 @@ class Engine:
         if admitted:
             start = admitted[0].row
             shared = [self._share_prefix(s) for s in admitted]
-            self._run([Step(s.prompt_ids[n:], "prefill") for s, n in zip(admitted, shared)],
+            self._run([prefill_step(s, n, self.model) for s, n in zip(admitted, shared)],
                       admitted, start, prefill=True)
             touched.update((s.request_id, s) for s in admitted)
         decoding = [s for s in self.running if not s.finished and s not in admitted]
@@ -315,4 +322,6 @@ class Engine:
         if like is not None:  # auto resolved at admission: keep identity, seed and arrival
             seq.request_id, seq.arrival, seq.on_step = like.request_id, like.arrival, like.on_step
             seq.generator = like.generator
+            seq.images, seq.image_features = like.images, like.image_features
+            seq.image_pad_id, seq.share_keys = like.image_pad_id, like.share_keys
         return seq

@@ -4,6 +4,7 @@ already holds instead of recomputing it."""
 from __future__ import annotations
 
 from ..decoding.sequence import Sequence
+from ..multimodal.requests import share_keys
 from ..model.kv_cache import KVCache
 
 
@@ -14,13 +15,13 @@ def share_prefix(seq: Sequence, running: list[Sequence], cache: KVCache, minimum
     passes), so the copy is the prefill's own result up to fp32 summation order."""
     if not minimum:
         return 0
-    prompt, best, source = seq.prompt_ids, 0, -1
+    prompt, keys, best, source = seq.prompt_ids, share_keys(seq), 0, -1
     for other in running:
         if other.metrics.nfe == 0:
             continue  # admitted in this step (seq itself included): no KV yet
         limit = min(len(prompt) - 1, int(cache.lengths[other.row]), len(other.prompt_ids))
-        n = 0
-        while n < limit and other.prompt_ids[n] == prompt[n]:
+        n, other_keys = 0, share_keys(other)
+        while n < limit and other_keys[n] == keys[n]:
             n += 1
         if n > best:
             best, source = n, other.row
