@@ -126,7 +126,7 @@ def _fail_a_rank(llm, caplog, signum: int, expect: str) -> None:
 def _health(llm) -> int:
     from fastapi.testclient import TestClient
 
-    from trimode.engine.engine import AsyncEngine
+    from trimode.engine import AsyncEngine
     from trimode.entrypoints.server.app import ServerConfig, build_app
 
     engine = AsyncEngine(llm)

@@ -130,7 +130,7 @@ def serve_args(options: dict) -> argparse.Namespace:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Raise UsageError naming the flag for a bad value, before anything loads."""
-    from ..cli.main import UsageError
+    from ..cli.common import UsageError
 
     server_config(args, None)  # bad defaults fail before the model loads
     for flag, low in (("max_batch_size", 1), ("tensor_parallel_size", 1), ("nnodes", 1),
@@ -173,7 +173,7 @@ def build_server(args: argparse.Namespace):
     """(LLM, AsyncEngine, FastAPI app) for checked ``args``; a tensor-parallel rank other
     than 0 never returns (it serves rank 0's forwards, then exits)."""
     from ... import LLM
-    from ...engine.engine import AsyncEngine
+    from ...engine import AsyncEngine
     from .app import build_app
 
     auto = auto_policy(args)
@@ -206,8 +206,8 @@ def build_server(args: argparse.Namespace):
 def auto_policy(args: argparse.Namespace):
     """The AutoPolicy the --auto-* flags ask for, or None (the LLM's default). Raises
     UsageError for bad values."""
-    from ..cli.main import UsageError
-    from ...engine.engine import AutoPolicy
+    from ..cli.common import UsageError
+    from ...engine import AutoPolicy
 
     if args.auto_crossover is not None:
         if args.auto_parallel_mode is not None or args.auto_max_parallel_batch is not None:
@@ -231,7 +231,7 @@ def auto_policy(args: argparse.Namespace):
 def server_config(args: argparse.Namespace, llm, model=None):
     """The request defaults from the flags, checked through SamplingParams (UsageError
     naming the flag). With ``llm``, the full ServerConfig."""
-    from ..cli.main import UsageError
+    from ..cli.common import UsageError
     from ...params import SamplingParams
 
     try:
