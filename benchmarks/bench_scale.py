@@ -129,7 +129,7 @@ def bench_ray(args) -> list[dict]:
     from trimode.entrypoints.ray import application
     from trimode.entrypoints.server.cli import serve_args
 
-    port = 8765
+    port = _free_port()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
@@ -162,6 +162,14 @@ def bench_ray(args) -> list[dict]:
     best = {r: min(w) for r, w in walls.items()}
     return [{"replicas": r, "concurrency": 16, "tokens": tokens, "tokens_per_s": tokens / best[r]}
             for r in (1, 2)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def section(cpu: str, tp: list[dict], rays: list[dict], command: str) -> str:
