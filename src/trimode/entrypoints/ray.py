@@ -90,8 +90,13 @@ def build(options: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    """``trimode serve --ray``: start (or join) Ray, deploy, serve until interrupted."""
+    """``trimode serve --ray``: start (or join) Ray, deploy, serve until interrupted.
+    Raises UsageError for bad flags."""
     import ray
+
+    from .server.cli import check_flags
+
+    check_flags(args)
 
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     ray.init(address=address, include_dashboard=False, log_to_driver=True,

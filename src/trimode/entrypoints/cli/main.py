@@ -115,6 +115,10 @@ def build_parser() -> Parser:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and args.ray:
+        from ..ray import run
+
+        return run(args)
     if args.command == "serve":
         from ..server.cli import serve
 

@@ -88,12 +88,9 @@ def add_serve_parser(sub, threshold_arg) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Load, start the engine, serve until interrupted. Raises UsageError for bad flags."""
+    """Load, start the engine, serve until interrupted. Raises UsageError for bad flags.
+    (``--ray`` goes to ``entrypoints/ray.py`` instead.)"""
     check_flags(args)
-    if args.ray:
-        from ..ray import run
-
-        return run(args)
     import uvicorn
 
     llm, engine, app = build_server(args)
@@ -111,10 +108,11 @@ def serve(args: argparse.Namespace) -> int:
 def serve_args(options: dict) -> argparse.Namespace:
     """``trimode serve`` args from ``{flag without dashes: value}`` (a Ray Serve config's
     ``args``); raises UsageError for an unknown flag or a bad value."""
-    from ..cli.main import build_parser
+    from ..cli.common import Parser, threshold_arg
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parser = Parser(prog="trimode")
+    sub = parser.add_subparsers(dest="command")
+    add_serve_parser(sub, threshold_arg)
     switches = {o for a in sub.choices["serve"]._actions if isinstance(a, argparse._StoreTrueAction)
                 for o in a.option_strings}
     argv = ["serve"]
