@@ -1,9 +1,11 @@
 """The three decoding modes as small strategies over one loop (see ``loop.py``).
 
-A strategy sees one request: after the causal prefill it gets the prefill's last logits
-(``start``); then it names the next forward it needs (``next_step``) and consumes that
-forward's logits (``update``). It never touches tensors of other requests or the cache;
-cropping after a rejected draft is requested through ``Sequence.rollback``.
+A strategy sees one request: after the causal prefill it gets the prefill's choice
+(``begin``); then it names the next forward it needs (``next_step``), what it needs from that
+forward's logits (``need``: which slots, which selection rule) and consumes the selection,
+computed on the device for all rows at once (``apply``; see ``batch.py``). It never touches
+tensors of other requests or the cache; cropping after a rejected draft is requested through
+``Sequence.rollback``.
 
 ar (spec 4): one causal token per forward.
 diffusion (spec 3): blocks ``[seed, MASK x (block_length - 1)]``; bidirectional, read-only
@@ -17,29 +19,25 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import confidence, pick, sample_from, target_log_probs
+from .batch import Need, Result, Strategy
 from .sequence import Sequence, Step
 
 
-def ar_token(seq: Sequence, logits: torch.Tensor) -> int:
-    """The token the causal logits of the last position choose (greedy or sampled)."""
-    token = int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
-    seq.note(len(seq.generated), logits[-1], token)
-    return token
-
-
-class ARStrategy:
-    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        self._emit(seq, logits, "prefill")
+class ARStrategy(Strategy):
+    def begin(self, seq: Sequence, result: Result) -> None:
+        self._emit(seq, result, "prefill")
 
     def next_step(self, seq: Sequence) -> Step:
         return Step([self.pending], "ar")
 
-    def update(self, seq: Sequence, logits: torch.Tensor) -> None:
-        self._emit(seq, logits[-1:], "ar")
+    def need(self, seq: Sequence, step: Step) -> Need:
+        return seq.need([len(step.tokens) - 1])
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, kind: str) -> None:
-        self.pending = ar_token(seq, logits)
+    def apply(self, seq: Sequence, result: Result) -> None:
+        self._emit(seq, result, "ar")
+
+    def _emit(self, seq: Sequence, result: Result, kind: str) -> None:
+        self.pending = seq.take(result)
         seq.record(kind, [len(seq.generated)], [self.pending])
         seq.commit([self.pending])
 
@@ -50,16 +48,18 @@ def even_schedule(masks: int, steps: int) -> list[int]:
     return [base + (1 if s < extra else 0) for s in range(steps)]
 
 
-class DiffusionStrategy:
+class DiffusionStrategy(Strategy):
     """Block diffusion with the reference's selection rule (spec 3.2, 3.3, 3.5).
 
     The last block keeps its full ``block_length`` (so a shorter ``max_tokens`` returns a
     prefix of a longer run); denoising stops once every slot within the limit is unmasked
     or a stop token has no mask to its left, and the finished row skips the commit pass.
+    A denoising pass needs logits at the masked slots only: their candidates and
+    confidences, and the choice among them, are computed on the device (``batch.py``).
     """
 
-    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        seed = ar_token(seq, logits)
+    def begin(self, seq: Sequence, result: Result) -> None:
+        seed = seq.take(result)
         seq.record("prefill", [0], [seed])
         self._new_block(seq, seed)
 
@@ -92,33 +92,28 @@ class DiffusionStrategy:
                         adapter=seq.denoise_adapter)
         return Step(list(self.block), "commit")
 
-    def update(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def need(self, seq: Sequence, step: Step) -> Need:
         if self.phase == "commit":
-            seed = ar_token(seq, logits)
+            return seq.need([len(self.block) - 1])
+        masked = [i for i, t in enumerate(self.block) if t == seq.mask_token_id]
+        quota = self.schedule[min(self.passes, len(self.schedule) - 1)]
+        return seq.need(masked, choose=True, threshold=seq.params.threshold, quota=quota)
+
+    def apply(self, seq: Sequence, result: Result) -> None:
+        if self.phase == "commit":
+            seed = seq.take(result)
             seq.record("commit", [self.offset + len(self.block)], [seed])
             self._new_block(seq, seed)
             return
-        chosen = self._select(seq, logits)
+        masked = [i for i, t in enumerate(self.block) if t == seq.mask_token_id]
+        self.passes += 1
+        for k in result.chosen:  # indices into the masked slots, ascending
+            i = masked[k]
+            self.block[i] = result.tokens[k]
+            seq.note(self.offset + i, result.logprob(k, self.block[i]))
+        chosen = [masked[k] for k in result.chosen]
         seq.record("denoise", [self.offset + i for i in chosen], [self.block[i] for i in chosen])
         self._finish_block_if_done(seq)
-
-    def _select(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
-        """Unmask the most confident masked slot plus every one reaching ``threshold``."""
-        params = seq.params
-        masked = torch.tensor([t == seq.mask_token_id for t in self.block])
-        cand = pick(logits, params, seq.mask_token_id, seq.generator)
-        conf = confidence(logits, cand).masked_fill(~masked, float("-inf"))
-        if params.threshold is None:
-            quota = max(self.schedule[min(self.passes, len(self.schedule) - 1)], 1)
-            chosen = torch.topk(conf, min(quota, int(masked.sum()))).indices.tolist()
-        else:
-            order = torch.topk(conf, int(masked.sum())).indices.tolist()
-            chosen = [order[0]] + [i for i in order[1:] if float(conf[i]) >= params.threshold]
-        self.passes += 1
-        for i in chosen:
-            self.block[i] = int(cand[i])
-            seq.note(self.offset + i, logits[i], self.block[i])
-        return sorted(chosen)
 
 
 def draft_with_seed_copy(block: list[int]) -> Step:
@@ -142,7 +137,7 @@ def draft_with_seed_copy(block: list[int]) -> Step:
                 offsets=list(range(length)) + [0], adapter_tokens=[True] * length + [False])
 
 
-class LinearSpecStrategy:
+class LinearSpecStrategy(Strategy):
     """Self-speculation (spec 5.1), batched per row, lossless at any temperature.
 
     Verification rule: at temperature 0 the reference's exact match (accept draft i+1 while
@@ -154,8 +149,8 @@ class LinearSpecStrategy:
     earlier ones in confidence order, so the reference's sample-and-match rule is used.
     """
 
-    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        seed = ar_token(seq, logits)
+    def begin(self, seq: Sequence, result: Result) -> None:
+        seed = seq.take(result)
         seq.record("prefill", [0], [seed])
         seq.commit([seed])
         self._new_block(seq, seed)
@@ -163,7 +158,7 @@ class LinearSpecStrategy:
     def _new_block(self, seq: Sequence, seed: int) -> None:
         length = max(1, min(seq.block_length, seq.remaining))
         self.block = [seed] + [seq.mask_token_id] * (length - 1)
-        self.draft_log_probs: dict[int, torch.Tensor] = {}
+        self.draft_log_probs: torch.Tensor | None = None  # [L - 1, V] on the device
         self.phase = "draft" if length > 1 else "verify"
 
     def next_step(self, seq: Sequence) -> Step:
@@ -174,78 +169,70 @@ class LinearSpecStrategy:
             return draft_with_seed_copy(self.block)
         return Step(list(self.block), "verify")
 
-    def update(self, seq: Sequence, logits: torch.Tensor) -> None:
-        if self.phase == "draft":
-            if logits.shape[0] > len(self.block):  # the causal seed copy gives slot 1
-                logits = torch.cat([logits[:1], logits[-1:], logits[2 : len(self.block)]])
-            self._draft(seq, logits)
-        else:
-            self._verify(seq, logits)
+    def need(self, seq: Sequence, step: Step) -> Need:
+        if self.phase == "verify":
+            return self.verify_need(seq, list(range(len(self.block))))
+        masked = [i for i, t in enumerate(self.block) if t == seq.mask_token_id]
+        # the causal seed copy (last query) gives slot 1's logits
+        slots = [len(self.block) if i == 1 and len(step.tokens) > len(self.block) else i
+                 for i in masked]
+        if seq.params.threshold != 0:
+            return seq.need(slots, choose=True, draft=True, threshold=seq.params.threshold)
+        keep = list(range(len(slots))) if seq.params.temperature > 0 else []
+        return seq.need(slots, keep=keep)
 
-    def _draft(self, seq: Sequence, logits: torch.Tensor) -> None:
-        params = seq.params
+    def verify_need(self, seq: Sequence, slots: list[int]) -> Need:
+        """The verify segment (``slots`` first, in block order) checking ``block[1:]``."""
+        sampled = seq.params.temperature > 0 and len(self.block) > 1
+        return seq.need(slots, verify=len(self.block), drafts=self.block[1:],
+                        q=self.draft_log_probs if sampled else None)
+
+    def apply(self, seq: Sequence, result: Result) -> None:
+        if self.phase == "draft":
+            self._draft(seq, result)
+        else:
+            self._verify(seq, result)
+
+    def _draft(self, seq: Sequence, result: Result) -> None:
         mask_id = seq.mask_token_id
         masked = [i for i, t in enumerate(self.block) if t == mask_id]
-        cand = pick(logits, params, mask_id, seq.generator)
-        if params.threshold == 0:
-            chosen = masked
-            if params.temperature > 0:
-                logp = target_log_probs(logits.cpu(), params, mask_id)
-                self.draft_log_probs = {i: logp[i] for i in masked}
-        else:
-            conf = confidence(logits, cand)[masked]
-            order = torch.argsort(conf, descending=True, stable=True).tolist()
-            chosen = [masked[order[0]]] + [masked[o] for o in order[1:]
-                                           if float(conf[o]) >= params.threshold]
-        for i in chosen:
-            self.block[i] = int(cand[i])
+        chosen = result.chosen if seq.params.threshold != 0 else range(len(masked))
+        if seq.params.threshold == 0 and seq.params.temperature > 0:
+            self.draft_log_probs = result.q
+        for k in chosen:
+            self.block[masked[k]] = result.tokens[k]
         base = len(seq.generated) - 1
-        seq.record("draft", [base + i for i in sorted(chosen)], [self.block[i] for i in sorted(chosen)])
+        done = sorted(masked[k] for k in chosen)
+        seq.record("draft", [base + i for i in done], [self.block[i] for i in done])
         if all(t != mask_id for t in self.block):
             self.phase = "verify"
 
-    def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
-        accepted = self._accept(seq, logits)
+    def _verify(self, seq: Sequence, result: Result) -> None:
+        accepted = self._accept(seq, result)
         seq.rollback = len(self.block) - len(accepted)
         if not seq.finished:
             self._new_block(seq, accepted[-1])
 
-    def _accept(self, seq: Sequence, verify_logits: torch.Tensor) -> list[int]:
-        """Verify the block's drafts against ``verify_logits`` ``[L, V]``, commit the accepted
-        drafts plus the bonus token, and return them (the cache still holds all L slots)."""
-        accepted = self._verified(seq, verify_logits)
+    def _accept(self, seq: Sequence, result: Result) -> list[int]:
+        """Commit the drafts the verify accepted plus the bonus token, and return them
+        (the cache still holds all L slots)."""
+        accepted = self._verified(seq, result)
         start = len(seq.generated)
         for j, token in enumerate(accepted):
-            seq.note(start + j, verify_logits[j], token)
+            seq.note(start + j, result.logprob(j, token))
         used = seq.commit(accepted)
         seq.record("verify", list(range(start, start + used)), accepted[:used])
         seq.verifies += 1
         return accepted
 
-    def _verified(self, seq: Sequence, verify_logits: torch.Tensor) -> list[int]:
+    def _verified(self, seq: Sequence, result: Result) -> list[int]:
         drafts = self.block[1:]
-        if seq.params.temperature > 0 and self.draft_log_probs:
-            return self._speculative_sampling(seq, verify_logits, drafts)
-        ar = pick(verify_logits, seq.params, seq.mask_token_id, seq.generator).tolist()
+        if result.accepted is not None:  # speculative sampling on the device
+            c = seq.forced(result.accepted, len(drafts))
+            return drafts[:c] + ([result.final] if c == result.accepted else [result.tokens[c]])
+        ar = result.tokens[: len(self.block)]
         c = 0
         while c < len(drafts) and ar[c] == drafts[c]:
             c += 1
-        return ar[: c + 1]
-
-    def _speculative_sampling(self, seq: Sequence, logits: torch.Tensor,
-                              drafts: list[int]) -> list[int]:
-        target = target_log_probs(logits.cpu(), seq.params, seq.mask_token_id).exp()
-        accepted: list[int] = []
-        for j, token in enumerate(drafts):
-            p, q = target[j], self.draft_log_probs[j + 1].exp()
-            u = float(torch.rand((), generator=seq.generator, dtype=torch.float64))
-            if u < min(1.0, float(p[token] / q[token])):
-                accepted.append(token)
-                continue
-            residual = (p - q).clamp_min(0)
-            total = float(residual.sum())
-            accepted.append(sample_from(residual / total if total > 0 else p, seq.generator))
-            return accepted
-        accepted.append(sample_from(target[len(drafts)], seq.generator))
-        return accepted
-
+        c = seq.forced(c, len(drafts))
+        return drafts[:c] + [ar[c]]

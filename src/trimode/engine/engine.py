@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from ..model.kv_cache import KVPool
-from .model_runner import forward_rows
+from .model_runner import forward_select
 from ..decoding.registry import STRATEGIES, scratch_slots
 from ..decoding.sequence import Sequence, Step
 from ..outputs import RequestMetrics, RequestOutput, TokenLogprob
@@ -208,6 +208,9 @@ class Engine:
         self.forwards = 0
         self.shared_prefix_tokens = 0  # prompt tokens whose prefill prefix sharing saved
         self.denoise_adapter = False  # the draft adapter also denoises (LLM sets it)
+        # benchmarks only (never set by LLM, the CLI or the server): verification accepts
+        # exactly this many drafts, so random-weight runs see a realistic acceptance
+        self.forced_acceptance: int | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -347,7 +350,7 @@ class Engine:
         for other in self.running:
             if other.metrics.nfe == 0:
                 continue  # admitted in this step (seq itself included): no KV yet
-            limit = min(len(prompt) - 1, int(self.pool.cache.lengths[other.row]),
+            limit = min(len(prompt) - 1, self.pool.cache.host_lengths()[other.row],
                         len(other.prompt_ids))
             n = 0
             while n < limit and other.prompt_ids[n] == prompt[n]:
@@ -359,7 +362,7 @@ class Engine:
         cache = self.pool.cache
         for buf in (*cache.keys, *cache.values):
             buf[seq.row, :, :best] = buf[source, :, :best]
-        cache.lengths[seq.row] = best
+        self.pool.set_length(seq.row, best)
         self.shared_prefix_tokens += best
         return best
 
@@ -367,8 +370,9 @@ class Engine:
         view = self.pool.view(start, start + len(seqs))
         assert [s.row for s in seqs] == list(range(start, start + len(seqs)))
         try:
-            logits = forward_rows(self.model, view, steps, prefill)
-            bad = [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in logits]
+            needs = [s.need([len(step.tokens) - 1]) if prefill else s.strategy.need(s, step)
+                     for s, step in zip(seqs, steps)]
+            results = forward_select(self.model, view, steps, needs)
         except Exception as exc:  # a failed forward ends its requests, never the engine
             log.exception("forward failed")
             for s in seqs:
@@ -377,25 +381,24 @@ class Engine:
             return
         self.pool.sync(view, start)
         self.forwards += 1
-        for i, (seq, step) in enumerate(zip(seqs, steps)):
+        for seq, result in zip(seqs, results):
             seq.metrics.nfe += 1
-            if bad[i]:
+            if result.bad:
                 seq.finish("error", "the model produced NaN or +inf logits")
                 continue
             try:
                 if prefill:
                     seq.strategy = STRATEGIES[seq.params.mode]()
-                    seq.strategy.start(seq, logits[i : i + 1])
+                    seq.strategy.begin(seq, result)
                 else:
-                    seq.strategy.update(seq, logits[i])
+                    seq.strategy.apply(seq, result)
             except Exception as exc:
                 log.exception("request %s failed", seq.request_id)
                 seq.finish("error", f"{type(exc).__name__}: {exc}")
             if seq.on_step:
                 seq.on_step(seq)
-        rollback = torch.tensor([s.rollback for s in seqs], device=view.lengths.device)
-        if bool(rollback.any()):
-            view.crop(view.lengths - rollback)
+        if any(s.rollback for s in seqs):
+            view.crop_host([n - s.rollback for n, s in zip(view.host_lengths(), seqs)])
             self.pool.sync(view, start)
             for s in seqs:
                 s.rollback = 0
@@ -465,9 +468,10 @@ class Engine:
         block = params.block_length or mc.block_size
         stop = set(mc.eos_token_ids) | set(params.stop_token_ids)
         seq = Sequence(prompt_ids, params, stop, mc.mask_token_id, block, self.denoise_adapter)
+        seq.forced_acceptance = self.forced_acceptance
         if like is not None:  # auto resolved at admission: keep identity, seed and arrival
             seq.request_id, seq.arrival, seq.on_step = like.request_id, like.arrival, like.on_step
-            seq.generator = like.generator
+            seq.seed = like.seed
         return seq
 
 

@@ -1,8 +1,9 @@
 """Packing of Steps into one batched forward, and ``decode`` for a fixed set of requests.
 
-``forward_rows`` packs every row's Step into one forward (rows right-padded to the longest;
-each row keeps its own attention kind, cache write flag and adapter flags) and returns the
-logits. The stepping itself lives in ``engine.py``; ``decode`` runs a fixed batch on it.
+``forward_select`` packs every row's Step into one forward (rows right-padded to the
+longest; each row keeps its own attention kind, cache write flag and adapter flags), runs the
+LM head only where a row needs a choice and selects every row's tokens on the device in one
+batch (``batch.py``). The stepping itself lives in ``engine.py``; ``decode`` runs a fixed batch on it.
 Knows nothing about modes beyond the Step interface.
 """
 
@@ -12,9 +13,11 @@ from typing import Callable
 
 import torch
 
-from ..model.model import TriModeModel
-from ..decoding.sequence import Sequence, Step
+from ..decoding.batch import Need, Result, select_rows
 from ..decoding.registry import scratch_slots
+from ..decoding.sequence import Sequence, Step
+from ..model.kv_cache import ForwardPlan
+from ..model.model import TriModeModel
 
 
 def decode(model: TriModeModel, seqs: list[Sequence],
@@ -41,39 +44,52 @@ def decode(model: TriModeModel, seqs: list[Sequence],
         engine.step()
 
 
+def forward_select(model: TriModeModel, cache, steps: list[Step], needs: list[Need]) -> list[Result]:
+    """One packed forward of ``steps`` (row i of ``cache`` runs ``steps[i]``), then the LM
+    head at exactly the slots ``needs`` name and one batched selection on the model's
+    device (``batch.select_rows``): one host transfer of token ids and counts per row."""
+    hidden = _forward(model, cache, steps)
+    rows = torch.tensor([i for i, n in enumerate(needs) for _ in n.slots], device=hidden.device)
+    cols = torch.tensor([c for n in needs for c in n.slots], device=hidden.device)
+    logits = model.logits(hidden[rows, cols])
+    return select_rows(logits, needs, model.config.mask_token_id)
+
+
 def forward_rows(model: TriModeModel, cache, steps: list[Step],
                  prefill: bool) -> torch.Tensor | list[torch.Tensor]:
-    """One packed forward of ``steps`` (row i of ``cache`` runs ``steps[i]``) -> fp32 logits
-    on the CPU: ``[B, V]`` at each row's last real token when ``prefill``, else one
-    ``[len(steps[i].tokens), V]`` tensor per row. The LM head runs on real tokens only,
-    never on a short row's padding."""
-    hidden, n_valid = _forward(model, cache, steps)
+    """One packed forward of ``steps`` -> fp32 logits on the CPU: ``[B, V]`` at each row's
+    last real token when ``prefill``, else one ``[len(steps[i].tokens), V]`` tensor per row
+    (benchmarks and tests; the engine uses ``forward_select``)."""
+    n_valid = [len(s.tokens) for s in steps]
+    hidden = _forward(model, cache, steps)
+    rows = torch.tensor([i for i, n in enumerate(n_valid) for _ in range(n)])
+    cols = torch.tensor([t for n in n_valid for t in range(n)])
     if prefill:
-        return model.logits(hidden[torch.arange(len(steps)), n_valid.to(hidden.device) - 1]).cpu()
-    real = torch.arange(hidden.shape[1])[None, :] < n_valid[:, None]
-    logits = model.logits(hidden[real.to(hidden.device)]).cpu()
-    return list(torch.split(logits, n_valid.tolist()))
+        rows, cols = torch.arange(len(steps)), torch.tensor(n_valid) - 1
+    logits = model.logits(hidden[rows.to(hidden.device), cols.to(hidden.device)]).cpu()
+    return logits if prefill else list(torch.split(logits, n_valid))
 
 
-def _forward(model: TriModeModel, cache, steps: list[Step]) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(model: TriModeModel, cache, steps: list[Step]) -> torch.Tensor:
+    """Hidden states ``[B, T, d]`` of the packed forward; the cache's host lengths follow."""
     device = model.device
     width = max(len(s.tokens) for s in steps)
-    tokens = torch.zeros(len(steps), width, dtype=torch.long)
-    for i, s in enumerate(steps):
-        tokens[i, : len(s.tokens)] = torch.tensor(s.tokens, dtype=torch.long)
-    n_valid = torch.tensor([len(s.tokens) for s in steps], device=device)
-    bidirectional, write = (torch.tensor([getattr(s, f) for s in steps], device=device)
-                            for f in ("bidirectional", "write"))
-    adapter = torch.zeros(len(steps), width, dtype=torch.bool)
-    for i, s in enumerate(steps):
-        adapter[i, : len(s.tokens)] = torch.tensor(s.adapter_tokens or [s.adapter] * len(s.tokens))
+    n_valid = [len(s.tokens) for s in steps]
+    tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in steps])
+    flags = [[getattr(s, f) for s in steps] for f in ("bidirectional", "write")]
+    bidirectional, write = (torch.tensor(f, device=device) for f in flags)
+    per_token = [(s.adapter_tokens or [s.adapter] * len(s.tokens)) + [False] * (width - len(s.tokens))
+                 for s in steps]
+    adapter = torch.tensor(per_token, device=device)
     fused = {}
     if any(s.attention is not None for s in steps):
         fused = dict(zip(("attention", "offsets"), _fused_patterns(steps, width)))
-    hidden = model(tokens.to(device), cache, n_valid, bidirectional, write, adapter.to(device),
-                   **fused)
-    return hidden, n_valid.cpu()
-
+    lengths = cache.host_lengths()
+    plan = ForwardPlan(lengths, n_valid, any(map(any, per_token)))
+    hidden = model(tokens.to(device), cache, torch.tensor(n_valid, device=device), bidirectional,
+                   write, adapter, plan=plan, **fused)
+    cache.set_host_lengths([n0 + (n if w else 0) for n0, n, w in zip(lengths, n_valid, flags[1])])
+    return hidden
 
 def _fused_patterns(steps: list[Step], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``[B, T, T]`` patterns and ``[B, T]`` offsets when any row uses a fused layout."""

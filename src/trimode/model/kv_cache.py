@@ -26,6 +26,18 @@ class KVCache:
         self.zeroed = zeroed
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.capacity = capacity
+        self.set_host_lengths([0] * rows)
+
+    def host_lengths(self) -> list[int]:
+        """``lengths`` as host ints, from the mirror the engine keeps (no device sync); read
+        back once if ``lengths`` was replaced behind its back (tests, training)."""
+        if getattr(self, "_host_of", None) is not self.lengths:
+            self.set_host_lengths(self.lengths.tolist())
+        return list(self._host)
+
+    def set_host_lengths(self, host: list[int]) -> None:
+        """Record that ``lengths`` holds ``host`` (the caller knows it without a sync)."""
+        self._host, self._host_of = list(host), self.lengths
 
     @property
     def rows(self) -> int:
@@ -37,11 +49,37 @@ class KVCache:
             raise ValueError(f"crop lengths {lengths.tolist()} must lie in [0, {self.lengths.tolist()}]")
         self.lengths = lengths.to(self.lengths).clone()
 
+    def crop_host(self, lengths: list[int]) -> None:
+        """``crop`` to host ints, checked on the host (no device sync)."""
+        now = self.host_lengths()
+        if any(not 0 <= n <= m for n, m in zip(lengths, now)) or len(lengths) != len(now):
+            raise ValueError(f"crop lengths {lengths} must lie in [0, {now}]")
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.lengths.device)
+        self.set_host_lengths(lengths)
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (int64 indices), in that order (drops finished requests)."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
+        self._host_of = None
         self.values = [v.index_select(0, rows) for v in self.values]
         self.lengths = self.lengths.index_select(0, rows)
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What the host knows about a forward, so building its metadata needs no device sync:
+    each row's cache length before it, its real tokens, and whether any token uses the
+    draft adapter."""
+
+    lengths: list[int]
+    n_valid: list[int]
+    adapter: bool
+
+    @property
+    def real_index(self) -> list[int]:
+        """Flat ``row * T + t`` indices of the real tokens (T = the widest row)."""
+        width = max(self.n_valid)
+        return [b * width + t for b, n in enumerate(self.n_valid) for t in range(n)]
 
 
 @dataclass
@@ -60,13 +98,14 @@ class ForwardBatch:
     mask: torch.Tensor
     adapter_rows: torch.Tensor | None
     write_index: tuple[torch.Tensor, torch.Tensor]
-    real: torch.Tensor | None = None  # [B, T] bool when rows are ragged (see model.py)
+    real: torch.Tensor | None = None  # [N] flat indices of real tokens when rows are ragged
 
 
 def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: torch.Tensor,
                         tokens: int, adapter_rows: torch.Tensor | None = None,
                         attention: torch.Tensor | None = None,
-                        offsets: torch.Tensor | None = None) -> ForwardBatch:
+                        offsets: torch.Tensor | None = None,
+                        plan: ForwardPlan | None = None) -> ForwardBatch:
     """Positions, write slots and attention mask for a call of ``tokens`` query slots per row.
 
     Row b has ``n_valid[b]`` real queries (right-padded to ``tokens``), written to cache slots
@@ -76,10 +115,16 @@ def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: to
     explicit ``[B, T, T]`` bool pattern is given (fused layouts). ``offsets`` ``[B, T]``
     sets each query's position relative to the row length (default ``0 .. T-1``).
     Raises ValueError when a row's real tokens would outgrow the cache capacity (padding
-    may run past it: its writes land in the last slot and nothing reads them).
+    may run past it: its writes land in the last slot and nothing reads them). With a
+    ``plan`` every tensor is built on the device without reading anything back.
     """
     lengths = cache.lengths
-    if int((lengths + n_valid).max()) > cache.capacity:
+    if plan is not None:
+        top = max(n0 + n for n0, n in zip(plan.lengths, plan.n_valid))
+        longest = max(plan.lengths)
+    else:
+        top, longest = int((lengths + n_valid).max()), int(lengths.max())
+    if top > cache.capacity:
         raise ValueError(f"KV cache capacity {cache.capacity} exceeded")
     device = lengths.device
     slots = torch.arange(tokens, device=device)
@@ -89,7 +134,7 @@ def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: to
         attention = bidirectional[:, None, None] | causal
     visible_new = attention & real[:, None, :]
     visible_new = visible_new | torch.eye(tokens, dtype=torch.bool, device=device)[None]
-    span = min(int((lengths + tokens).max()), cache.capacity)
+    span = min(longest + tokens, cache.capacity)
     j = torch.arange(span, device=device)
     prefix = (j[None, :] < lengths[:, None])[:, None, :].expand(-1, tokens, -1)
     rel = (j[None, :] - lengths[:, None]).clamp(0, tokens - 1)  # [B, S]
@@ -143,7 +188,9 @@ class KVPool:
             for buf in (*self.cache.keys, *self.cache.values):
                 buf[row].zero_()
             self.touched = row + 1
+        host = self.cache.host_lengths()
         self.cache.lengths[row] = 0
+        self.cache.set_host_lengths(host[:row] + [0] + host[row + 1 :])
         self.live += 1
         return row
 
@@ -153,15 +200,26 @@ class KVPool:
             raise ValueError(f"row {row} is not live (live rows: 0 .. {self.live - 1})")
         last = self.live - 1
         moved = None
+        host = self.cache.host_lengths()
         if row != last:
-            n = int(self.cache.lengths[last])
+            n = host[last]
             for buf in (*self.cache.keys, *self.cache.values):
                 buf[row, :, :n] = buf[last, :, :n]
             self.cache.lengths[row] = n
+            host[row] = n
             moved = last
         self.cache.lengths[last] = 0
+        host[last] = 0
+        self.cache.set_host_lengths(host)
         self.live -= 1
         return moved
+
+    def set_length(self, row: int, n: int) -> None:
+        """Set ``row``'s committed length (prefix sharing)."""
+        host = self.cache.host_lengths()
+        self.cache.lengths[row] = n
+        host[row] = n
+        self.cache.set_host_lengths(host)
 
     def view(self, start: int, stop: int) -> KVCache:
         """Rows ``start .. stop - 1`` as a KVCache sharing this pool's storage. Its
@@ -171,12 +229,16 @@ class KVPool:
         view.values = [v[start:stop] for v in self.cache.values]
         view.lengths = self.cache.lengths[start:stop].clone()
         view.capacity = self.cache.capacity
+        view.set_host_lengths(self.cache.host_lengths()[start:stop])
         return view
 
     def sync(self, view: KVCache, start: int) -> None:
         """Copy a view's lengths back into the pool."""
+        host = self.cache.host_lengths()
         self.cache.lengths[start : start + view.rows] = view.lengths
+        host[start : start + view.rows] = view.host_lengths()
+        self.cache.set_host_lengths(host)
 
     def used_positions(self) -> int:
         """Committed positions held by live rows."""
-        return int(self.cache.lengths[: self.live].sum())
+        return sum(self.cache.host_lengths()[: self.live])

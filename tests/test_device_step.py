@@ -1,0 +1,83 @@
+"""The batched device step: host syncs per engine step, seeds independent of the batch, and
+the bench-only forced acceptance kept out of the public API."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from trimode.bench.sync_counter import SyncCounter
+from trimode.model.config import ModelConfig
+from trimode.engine.engine import Engine, EngineConfig
+from trimode.model.model import TriModeModel
+from trimode.params import SamplingParams
+
+MODES = {"ar": {}, "diffusion": {"block_length": 8, "threshold": 0.9},
+         "diffusion_even": {"block_length": 8}, "linear_spec": {"block_length": 4},
+         "quadratic_spec": {"block_length": 4}}
+
+
+@pytest.fixture(scope="module")
+def nano():
+    config = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, max_position_embeddings=1024, mask_token_id=100,
+                         bos_token_id=1, eos_token_ids=(), block_size=8)
+    torch.manual_seed(0)
+    return TriModeModel(config).eval()
+
+
+def _params(name: str, **kw) -> SamplingParams:
+    return SamplingParams(mode=name.replace("_even", ""), **MODES[name], **kw)
+
+
+def _prompts(n: int, vocab: int = 512) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(n)
+    return torch.randint(200, vocab, (n, 6), generator=gen).tolist()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("name", list(MODES))
+def test_at_most_two_host_syncs_per_step_at_batch_16(nano, name, temperature):
+    engine = Engine(nano, EngineConfig(max_num_seqs=16, max_model_len=256, min_shared_prefix=0))
+    for i, prompt in enumerate(_prompts(16)):
+        engine.add_request(prompt, _params(name, max_tokens=64, temperature=temperature, seed=i))
+    engine.step()  # admission and prefill: two forwards, two transfers
+    counts = []
+    for _ in range(4):
+        with SyncCounter() as counter:
+            engine.step()
+        counts.append((counter.syncs, dict(counter.by_call)))
+    assert all(n <= 2 for n, _ in counts), counts
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_same_seed_same_sampled_output_at_batch_1_and_16(nano, name):
+    from trimode.engine.model_runner import decode
+    from trimode.decoding.sequence import Sequence
+
+    def run(prompts, seeds):
+        seqs = [Sequence(p, _params(name, max_tokens=12, temperature=0.9, top_k=50, seed=s),
+                         set(), 100, MODES[name].get("block_length", 8)) for p, s in zip(prompts, seeds)]
+        decode(nano, seqs)
+        return [s.generated for s in seqs]
+
+    prompts = _prompts(16)
+    batch = run(prompts, list(range(100, 116)))
+    alone = run(prompts[5:6], [105])
+    assert alone[0] == batch[5] and len(alone[0]) == 12
+    assert batch[5] != batch[6]
+
+
+def test_forced_acceptance_is_not_public():
+    from trimode import LLM
+    from trimode.engine.engine import EngineConfig as Config
+
+    assert "forced_acceptance" not in inspect.signature(LLM).parameters
+    assert "forced_acceptance" not in SamplingParams.__dataclass_fields__
+    assert "forced_acceptance" not in Config.__dataclass_fields__
+    from trimode.entrypoints.server import protocol
+
+    assert "forced_acceptance" not in inspect.getsource(protocol)
