@@ -46,7 +46,7 @@ class RowSampling:
     top_p_on: bool
 
     @classmethod
-    def of(cls, rows: list[tuple], device: torch.device) -> "RowSampling":
+    def of(cls, rows: list[tuple], device: torch.device) -> RowSampling:
         """``rows``: one ``(params, seed, site, stream)`` per logits row (SamplingParams,
         int seed, int draw-site counter, rng stream id)."""
         temps = [float(p.temperature) for p, *_ in rows]
@@ -59,7 +59,7 @@ class RowSampling:
                    [i for i, t in enumerate(temps) if t > 0],
                    any(p.top_k for p, *_ in rows), any(p.top_p < 1.0 for p, *_ in rows))
 
-    def subset(self, index: list[int]) -> "RowSampling":
+    def subset(self, index: list[int]) -> RowSampling:
         """The settings of rows ``index`` (host list), in that order."""
         at = torch.tensor(index, dtype=torch.long, device=self.keys.device)
         sampled = set(self.sampled)

@@ -123,6 +123,8 @@ class EngineConfig:
         with a running request's prompt copies their KV instead of recomputing it (prefix
         sharing); 0 turns it off.
     auto: the policy for ``mode="auto"``.
+    cuda_graphs: on CUDA, replay captured graphs of the decode forward (``cuda_graphs.py``);
+        False runs every forward eagerly. No effect on CPU.
     """
 
     max_num_seqs: int = 16
@@ -132,6 +134,7 @@ class EngineConfig:
     scratch_tokens: int = 256
     min_shared_prefix: int = 16
     auto: AutoPolicy = field(default_factory=AutoPolicy)
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "scratch_tokens"):
@@ -141,6 +144,8 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             _check_int("kv_cache_memory", self.kv_cache_memory, 1)
         _check_int("min_shared_prefix", self.min_shared_prefix, 0)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False; got {self.cuda_graphs!r}")
         if not isinstance(self.auto, AutoPolicy):
             raise ValueError(f"auto must be an AutoPolicy; got {self.auto!r}")
 
@@ -211,6 +216,11 @@ class Engine:
         # benchmarks only (never set by LLM, the CLI or the server): verification accepts
         # exactly this many drafts, so random-weight runs see a realistic acceptance
         self.forced_acceptance: int | None = None
+        self.graphs = None
+        if self.config.cuda_graphs and torch.device(model.device).type == "cuda":
+            from .cuda_graphs import GraphRunner
+
+            self.graphs = GraphRunner(model)
 
     # ------------------------------------------------------------------ requests
 
@@ -372,7 +382,8 @@ class Engine:
         try:
             needs = [s.need([len(step.tokens) - 1]) if prefill else s.strategy.need(s, step)
                      for s, step in zip(seqs, steps)]
-            results = forward_select(self.model, view, steps, needs)
+            results = forward_select(self.model, view, steps, needs,
+                                     None if prefill else self.graphs)
         except Exception as exc:  # a failed forward ends its requests, never the engine
             log.exception("forward failed")
             for s in seqs:

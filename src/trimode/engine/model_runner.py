@@ -44,11 +44,13 @@ def decode(model: TriModeModel, seqs: list[Sequence],
         engine.step()
 
 
-def forward_select(model: TriModeModel, cache, steps: list[Step], needs: list[Need]) -> list[Result]:
+def forward_select(model: TriModeModel, cache, steps: list[Step], needs: list[Need],
+                   graphs=None) -> list[Result]:
     """One packed forward of ``steps`` (row i of ``cache`` runs ``steps[i]``), then the LM
     head at exactly the slots ``needs`` name and one batched selection on the model's
-    device (``batch.select_rows``): one host transfer of token ids and counts per row."""
-    hidden = _forward(model, cache, steps)
+    device (``batch.select_rows``): one host transfer of token ids and counts per row.
+    ``graphs``: a ``cuda_graphs.GraphRunner`` replaying captured forwards where it can."""
+    hidden = _forward(model, cache, steps, graphs)
     rows = torch.tensor([i for i, n in enumerate(needs) for _ in n.slots], device=hidden.device)
     cols = torch.tensor([c for n in needs for c in n.slots], device=hidden.device)
     logits = model.logits(hidden[rows, cols])
@@ -70,7 +72,7 @@ def forward_rows(model: TriModeModel, cache, steps: list[Step],
     return logits if prefill else list(torch.split(logits, n_valid))
 
 
-def _forward(model: TriModeModel, cache, steps: list[Step]) -> torch.Tensor:
+def _forward(model: TriModeModel, cache, steps: list[Step], graphs=None) -> torch.Tensor:
     """Hidden states ``[B, T, d]`` of the packed forward; the cache's host lengths follow."""
     device = model.device
     width = max(len(s.tokens) for s in steps)
@@ -83,13 +85,21 @@ def _forward(model: TriModeModel, cache, steps: list[Step]) -> torch.Tensor:
     adapter = torch.tensor(per_token, device=device)
     fused = {}
     if any(s.attention is not None for s in steps):
-        fused = dict(zip(("attention", "offsets"), _fused_patterns(steps, width)))
+        fused = {k: v.to(device) for k, v in zip(("attention", "offsets"),
+                                                  _fused_patterns(steps, width))}
     lengths = cache.host_lengths()
     plan = ForwardPlan(lengths, n_valid, any(map(any, per_token)))
-    hidden = model(tokens.to(device), cache, torch.tensor(n_valid, device=device), bidirectional,
-                   write, adapter, plan=plan, **fused)
+    args = dict(tokens=tokens.to(device), n_valid=torch.tensor(n_valid, device=device),
+                bidirectional=bidirectional, write=write, adapter=adapter, **fused)
+    key = graphs.bucket(cache, width, plan, bool(fused)) if graphs is not None else None
+    if key is not None:
+        hidden = graphs.run(key, cache, args)
+    else:
+        hidden = model(args.pop("tokens"), cache, args.pop("n_valid"), args.pop("bidirectional"),
+                       args.pop("write"), args.pop("adapter"), plan=plan, **args)
     cache.set_host_lengths([n0 + (n if w else 0) for n0, n, w in zip(lengths, n_valid, flags[1])])
     return hidden
+
 
 def _fused_patterns(steps: list[Step], width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row ``[B, T, T]`` patterns and ``[B, T]`` offsets when any row uses a fused layout."""

@@ -79,6 +79,9 @@ def build_parser() -> Parser:
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on cuda, run every forward eagerly instead of replaying captured "
+                   "CUDA graphs of the decode forward")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
                    help="PEFT LoRA directory used for linear_spec / quadratic_spec draft passes "
                    "(and diffusion denoising if trained for it); 'none' for no adapter "
@@ -173,7 +176,8 @@ def load(args: argparse.Namespace, stderr: Console):
         try:
             with stderr.status(f"Loading {model}"):
                 return LLM(args.model, dtype=args.dtype, device=args.device,
-                           draft_adapter=args.draft_adapter, progress=False)
+                           draft_adapter=args.draft_adapter, progress=False,
+                           cuda_graphs=args.cuda_graphs)
         except CheckpointError as exc:
             raise UsageError(f"{_culprit(exc)}: {exc}") from None
 
