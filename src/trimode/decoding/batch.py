@@ -71,6 +71,7 @@ class Result:
         return self.logprobs.get((index, token))
 
 
+@torch.inference_mode()
 def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | None) -> list[Result]:
     """Selections of every row: ``logits`` ``[M, V]`` holds row 0's slots, then row 1's...
     (``M = sum(len(n.slots))``). One ``tolist`` of int64 results; one more of float64
@@ -81,7 +82,9 @@ def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | No
     sampling = select.RowSampling.of(
         [(n.params, n.seed, (n.draw << SITE_BITS) | slot, rng.PICK)
          for n in needs for slot in n.slots], device)
-    tokens = select.pick(logits, sampling, mask_token_id)
+    tokens = _greedy(logits, mask_token_id)
+    if sampling.sampled:
+        tokens = select.pick(logits, sampling, mask_token_id, greedy=tokens)
     bad = _bad_rows(logits, sizes)
     packed = [tokens, bad]
     chosen_at = _chosen(logits, tokens, needs, starts, packed)
@@ -105,8 +108,23 @@ def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | No
     return results
 
 
+def _greedy(logits: torch.Tensor, mask_token_id: int | None) -> torch.Tensor:
+    """``argmax`` without the mask id, without copying the logits: the mask column is set to
+    -inf for the argmax and restored (confidence needs it)."""
+    if mask_token_id is None:
+        return logits.argmax(dim=-1)
+    saved = logits[:, mask_token_id].clone()
+    logits[:, mask_token_id] = select.NEG_INF
+    tokens = logits.argmax(dim=-1)
+    logits[:, mask_token_id] = saved
+    return tokens
+
+
 def _bad_rows(logits: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1)
+    """bool ``[rows]``: a row has NaN or +inf logits (one pass: a row sum is NaN or +inf
+    then; -inf logits alone are allowed)."""
+    total = logits.sum(-1)
+    bad = torch.isnan(total) | torch.isposinf(total)
     owner = torch.repeat_interleave(torch.arange(len(sizes), device=logits.device),
                                     torch.tensor(sizes, device=logits.device))
     return torch.zeros(len(sizes), dtype=torch.long, device=logits.device).index_add_(
@@ -135,7 +153,8 @@ def _chosen(logits, tokens, needs, starts, packed) -> list[tuple[int, int]]:
     where = (torch.tensor([k for k, r in enumerate(rows) for _ in needs[r].slots], device=device),
              torch.tensor([c for r in rows for c in needs[r].slots], device=device))
     conf = torch.full((len(rows), width), select.NEG_INF, device=device)
-    conf[where] = select.confidence(logits[at], tokens[at])
+    whole = len(at) == len(logits)  # every slot of the step: no gather copy
+    conf[where] = select.confidence(logits if whole else logits[at], tokens if whole else tokens[at])
     masked = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
     masked[where] = True
     chosen = torch.zeros_like(masked)

@@ -97,9 +97,11 @@ def target_log_probs(logits: torch.Tensor, s: RowSampling, mask_token_id: int | 
     return torch.log_softmax(z, dim=-1)
 
 
-def pick(logits: torch.Tensor, s: RowSampling, mask_token_id: int | None) -> torch.Tensor:
-    """One token per row of ``logits`` ``[M, V]`` -> int64 ``[M]`` on the logits' device."""
-    tokens = candidate_logits(logits, mask_token_id).argmax(dim=-1)
+def pick(logits: torch.Tensor, s: RowSampling, mask_token_id: int | None,
+         greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` ``[M, V]`` -> int64 ``[M]`` on the logits' device.
+    ``greedy``: the rows' argmax without the mask id, when the caller has it already."""
+    tokens = candidate_logits(logits, mask_token_id).argmax(dim=-1) if greedy is None else greedy.clone()
     if s.sampled:
         sub = s.subset(s.sampled) if len(s.sampled) < len(tokens) else s
         at = torch.tensor(s.sampled, dtype=torch.long, device=tokens.device)
