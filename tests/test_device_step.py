@@ -51,6 +51,7 @@ def test_at_most_two_host_syncs_per_step_at_batch_16(nano, name, temperature):
             engine.step()
         counts.append((counter.syncs, dict(counter.by_call)))
     assert all(n <= 2 for n, _ in counts), counts
+    assert all(n == 1 for n, _ in counts), counts  # no logprobs asked: one transfer
 
 
 @pytest.mark.parametrize("name", list(MODES))

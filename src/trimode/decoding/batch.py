@@ -79,11 +79,12 @@ def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | No
     device = logits.device
     sizes = [len(n.slots) for n in needs]
     starts = [sum(sizes[:i]) for i in range(len(needs))]
-    sampling = select.RowSampling.of(
-        [(n.params, n.seed, (n.draw << SITE_BITS) | slot, rng.PICK)
-         for n in needs for slot in n.slots], device)
+    sampling = None
     tokens = _greedy(logits, mask_token_id)
-    if sampling.sampled:
+    if any(n.params.temperature > 0 for n in needs):
+        sampling = select.RowSampling.of(
+            [(n.params, n.seed, (n.draw << SITE_BITS) | slot, rng.PICK)
+             for n in needs for slot in n.slots], device)
         tokens = select.pick(logits, sampling, mask_token_id, greedy=tokens)
     bad = _bad_rows(logits, sizes)
     packed = [tokens, bad]
@@ -125,18 +126,12 @@ def _bad_rows(logits: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     then; -inf logits alone are allowed)."""
     total = logits.sum(-1)
     bad = torch.isnan(total) | torch.isposinf(total)
+    if len(sizes) == len(bad):  # one slot per row
+        return bad
     owner = torch.repeat_interleave(torch.arange(len(sizes), device=logits.device),
                                     torch.tensor(sizes, device=logits.device))
     return torch.zeros(len(sizes), dtype=torch.long, device=logits.device).index_add_(
         0, owner, bad.long()) > 0
-
-
-def _gather(needs: list[Need], starts: list[int], rows: list[int], width: int,
-            device: torch.device) -> torch.Tensor:
-    """int64 ``[len(rows), width]`` indices of rows' slots into the logits batch (padding
-    repeats the row's first slot)."""
-    index = [[starts[r] + min(i, len(needs[r].slots) - 1) for i in range(width)] for r in rows]
-    return torch.tensor(index, dtype=torch.long, device=device)
 
 
 def _chosen(logits, tokens, needs, starts, packed) -> list[tuple[int, int]]:
@@ -183,9 +178,9 @@ def _speculative(logits, needs, starts, sampling, mask_token_id, packed) -> list
     order = []
     for width, group in sorted(by_width.items()):
         device = logits.device
-        at = _gather(needs, starts, group, width, device)
-        flat = at.flatten()
-        p = select.target_log_probs(logits[flat], sampling.subset(flat.tolist()), mask_token_id)
+        flat = [starts[r] + i for r in group for i in range(width)]
+        p = select.target_log_probs(logits[torch.tensor(flat, device=device)],
+                                    sampling.subset(flat), mask_token_id)
         p = p.view(len(group), width, -1)
         q = torch.stack([needs[r].q for r in group]) if width > 1 else p[:, :0]
         drafts = torch.tensor([needs[r].drafts for r in group], dtype=torch.long,

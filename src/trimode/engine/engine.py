@@ -18,7 +18,9 @@ the admission budget (``max_num_batched_tokens``) bounds the padding.
 
 The scheduler decides *who* runs and how many query tokens each may use (admission against
 rows, the token budget and the KV reservation); strategies decide *what* the tokens are;
-``decoding/loop.py``'s ``forward_rows`` builds the tensors. KV memory is a preallocated
+``model_runner.forward_select`` builds the tensors, runs the forward (a captured CUDA
+graph where one fits) and selects every row's tokens on the device in one batch, so a step
+copies only token ids and a few integers per row to the host. KV memory is a preallocated
 :class:`~trimode.cache.KVPool`; a request reserves its whole row at admission, so a running
 request never waits for memory, and its row is freed on finish, cancellation or error.
 """
