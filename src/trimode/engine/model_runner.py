@@ -87,18 +87,31 @@ def _forward(model: TriModeModel, cache, steps: list[Step], graphs=None) -> torc
     if any(s.attention is not None for s in steps):
         fused = {k: v.to(device) for k, v in zip(("attention", "offsets"),
                                                   _fused_patterns(steps, width))}
+    extra = {}
+    if any(s.embeds is not None for s in steps):  # image features at pad slots (VLM prefill)
+        extra["embeds"] = _embeds(steps, width)
     lengths = cache.host_lengths()
     plan = ForwardPlan(lengths, n_valid, any(map(any, per_token)))
     args = dict(tokens=tokens.to(device), n_valid=torch.tensor(n_valid, device=device),
                 bidirectional=bidirectional, write=write, adapter=adapter, **fused)
-    key = graphs.bucket(cache, width, plan, bool(fused)) if graphs is not None else None
+    key = None
+    if graphs is not None and not extra:
+        key = graphs.bucket(cache, width, plan, bool(fused))
     if key is not None:
         hidden = graphs.run(key, cache, args)
     else:
         hidden = model(args.pop("tokens"), cache, args.pop("n_valid"), args.pop("bidirectional"),
-                       args.pop("write"), args.pop("adapter"), plan=plan, **args)
+                       args.pop("write"), args.pop("adapter"), plan=plan, **args, **extra)
     cache.set_host_lengths([n0 + (n if w else 0) for n0, n, w in zip(lengths, n_valid, flags[1])])
     return hidden
+
+
+def _embeds(steps: list[Step], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``where`` ``[B, T]`` bool, ``values`` ``[N, d]`` row-major) for ``model.run``."""
+    where = torch.zeros(len(steps), width, dtype=torch.bool)
+    for i, s in enumerate(steps):
+        where[i, list(s.embed_positions)] = True
+    return where, torch.cat([s.embeds for s in steps if s.embeds is not None])
 
 
 def _fused_patterns(steps: list[Step], width: int) -> tuple[torch.Tensor, torch.Tensor]:

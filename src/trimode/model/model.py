@@ -161,15 +161,18 @@ class TriModeModel(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,
                 bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
                 adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
-                offsets: torch.Tensor | None = None, plan: ForwardPlan | None = None) -> torch.Tensor:
+                offsets: torch.Tensor | None = None,
+                embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                plan: ForwardPlan | None = None) -> torch.Tensor:
         """Inference forward (no autograd); see ``run`` for the arguments."""
         return self.run(tokens, cache, n_valid, bidirectional, write, adapter, attention, offsets,
-                        plan=plan)
+                        embeds=embeds, plan=plan)
 
     def run(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,
             bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
             adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
             offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+            embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
             plan: ForwardPlan | None = None) -> torch.Tensor:
         """Run ``tokens`` ``[B, T]`` after each row's cached prefix; return hidden ``[B, T, d]``.
 
@@ -183,9 +186,12 @@ class TriModeModel(nn.Module):
         bool and ``offsets`` ``[B, T]`` override the pattern among this call's tokens and their
         positions (fused layouts; see ``cache.build_forward_batch``). ``mask`` ``[B, 1, T, S]``
         bool (S = max cache length + T) replaces the whole pattern, cached keys included
-        (training's dual-stream layout, spec 2.3 (a)). ``plan``: what the host already knows
-        (cache lengths, real tokens, adapter use), so the forward reads nothing back from the
-        device. Autograd-enabled (training); ``forward`` is the inference entry point.
+        (training's dual-stream layout, spec 2.3 (a)). ``embeds`` (``where`` ``[B, T]`` bool,
+        ``values`` ``[N, d]``) replaces the token embeddings at the N ``where`` positions, in
+        row-major order (image features at ``<|image_pad|>`` slots in a VLM prefill).
+        ``plan``: what the host already knows (cache lengths, real tokens, adapter use), so
+        the forward reads nothing back from the device. Autograd-enabled (training);
+        ``forward`` is the inference entry point.
         """
         b, t = tokens.shape
         device = tokens.device
@@ -214,6 +220,10 @@ class TriModeModel(nn.Module):
             if adapter_rows is not None:
                 batch.adapter_rows = adapter_rows.reshape(b * t, 1)[real]
         h = self.encoder.embed_tokens(tokens if real is None else tokens.reshape(-1)[real])
+        if embeds is not None:
+            where = embeds[0].to(device)
+            where = where if real is None else where.reshape(-1)[real]
+            h = h.masked_scatter(where[..., None], embeds[1].to(device=device, dtype=h.dtype))
         for layer in self.encoder.layers:
             h = layer(h, batch, rope)
         cache.lengths = cache.lengths + torch.where(write, n_valid, torch.zeros_like(n_valid))
