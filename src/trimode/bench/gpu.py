@@ -122,8 +122,8 @@ def table(result: dict) -> str:
                   key=lambda r: (r[0], r[1] or 0))
     get = {(r["mode"], r["forced_acceptance"], r["batch_size"], r["cuda_graphs"]): r for r in runs}
     head = [f"batch {b} graphs {'on' if g else 'off'}" for b, g in cols]
-    roofline = (f"Roofline (weight bytes {result['weight_bytes'] / 1e9:.2f} GB / copy bandwidth "
-                f"{result['copy_bandwidth_gbs']:.0f} GB/s): {result['roofline_tokens_per_s']:.1f} "
+    roofline = (f"Roofline (weight bytes {result['weight_bytes'] / 1e9:.3g} GB / copy bandwidth "
+                f"{result['copy_bandwidth_gbs']:.3g} GB/s): {result['roofline_tokens_per_s']:.1f} "
                 f"tokens/s at batch 1; ar batch 1: {result.get('ar_roofline_percent', '–')}%.")
     lines = [roofline, "",
              "| tokens/s | " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
