@@ -242,34 +242,3 @@ def _logprobs(logits, needs, starts, results) -> None:
             for j, tok in enumerate(probe[at - 1]):
                 res.logprobs[(i, tok)] = TokenLogprob(int(tok), row[j], alts if want else ())
 
-
-class Strategy:
-    """The decoding-mode interface (one subclass per mode, see ``modes.STRATEGIES``).
-
-    The engine calls ``begin(seq, result)`` with the prefill's choice, then per step
-    ``next_step(seq)`` (the Step to run), ``need(seq, step)`` (what to select from its
-    logits) and ``apply(seq, result)`` (consume the selection). ``start`` and ``update``
-    do the same from one request's logits (tests and tools that run a forward by hand).
-    """
-
-    def begin(self, seq, result: Result) -> None:
-        raise NotImplementedError
-
-    def next_step(self, seq):
-        raise NotImplementedError
-
-    def need(self, seq, step) -> Need:
-        raise NotImplementedError
-
-    def apply(self, seq, result: Result) -> None:
-        raise NotImplementedError
-
-    def start(self, seq, logits: torch.Tensor) -> None:
-        """``begin`` from the prefill logits ``[1, V]`` (the last position)."""
-        self.begin(seq, select_rows(logits[-1:], [seq.need([0])], seq.mask_token_id)[0])
-
-    def update(self, seq, logits: torch.Tensor) -> None:
-        """``apply`` from the logits ``[T, V]`` of the Step ``next_step`` named."""
-        need = self.need(seq, self.next_step(seq))
-        rows = logits[torch.tensor(need.slots, device=logits.device)]
-        self.apply(seq, select_rows(rows, [need], seq.mask_token_id)[0])

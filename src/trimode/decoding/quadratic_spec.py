@@ -2,7 +2,7 @@
 
 Each cycle's single forward holds a causal *verify segment* and one bidirectional *draft
 segment* per acceptance outcome, so whatever the verify decides, the next drafts are ready.
-Spec 5.5 describes the idea (an O(B^2) layout); the exact layout below is trimode's.
+docs/spec.md 5.5 describes the idea (an O(B^2) layout); the exact layout below is trimode's.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 from .batch import Need, Result
 from .sequence import Sequence, Step
-from .strategies import LinearSpecStrategy
+from .strategy import Strategy
+from .verify import accept, verify_need
 
 
 def quadratic_layout(verify_length: int, block_length: int,
@@ -56,7 +57,7 @@ def quadratic_layout(verify_length: int, block_length: int,
     return attention, offsets
 
 
-class QuadraticSpecStrategy(LinearSpecStrategy):
+class QuadraticSpecStrategy(Strategy):
     """One forward per cycle. Verification rules are linear_spec's (exact match at
     temperature 0, speculative sampling otherwise), so the output equals ``ar``'s.
 
@@ -65,6 +66,9 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
     for every outcome (B + B^2 tokens per forward). When the verify lands on an outcome without a segment, the next cycle
     verifies the bonus alone and drafts again.
     """
+
+    mode = "quadratic_spec"
+    shrink_hint = "block_length or draft_segments"
 
     def begin(self, seq: Sequence, result: Result) -> None:
         seed = seq.take(result)
@@ -100,19 +104,19 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
                     adapter_tokens=adapter)
 
     def need(self, seq: Sequence, step: Step) -> Need:
-        """The verify slots, then slots 1 .. width-1 of every draft segment (whose log-probs
-        stay on the device at temperature > 0 for the next cycle's verify)."""
+        """The verify slots, then slots 1 .. width-1 of every draft segment (whose target
+        log-probs stay on the device at temperature > 0, for the next cycle's verify)."""
         verify_length = len(self.block)
         drafts = [verify_length + n * self.width + j for n in range(len(self.segments))
                   for j in range(1, self.width)]
-        need = self.verify_need(seq, list(range(verify_length)) + drafts)
-        if seq.params.temperature > 0:
-            need.keep = list(range(verify_length, verify_length + len(drafts)))
-        return need
+        keep = list(range(verify_length, verify_length + len(drafts))) \
+            if seq.params.temperature > 0 else []
+        return verify_need(seq, self.block, list(range(verify_length)) + drafts,
+                           self.draft_log_probs, keep=keep)
 
     def apply(self, seq: Sequence, result: Result) -> None:
         verify_length = len(self.block)
-        accepted = self._accept(seq, result)
+        accepted = accept(seq, self.block, result)
         c = len(accepted) - 1
         if verify_length > 1:  # a bonus-only cycle has one outcome and says nothing
             self.last_accepted = c
@@ -130,7 +134,16 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
         drafts = result.tokens[verify_length + start : verify_length + start + self.width - 1]
         base = len(seq.generated)
         seq.record("draft", list(range(base, base + len(drafts))), drafts)
-        log_probs = None
-        if result.q is not None:
-            log_probs = result.q[start : start + self.width - 1]
+        log_probs = None if result.q is None else result.q[start : start + self.width - 1]
         return drafts, log_probs
+
+    @classmethod
+    def scratch_slots(cls, block_length: int, max_tokens: int,
+                      draft_segments: int | None) -> int:
+        block_length = min(block_length, max_tokens)  # blocks shrink to the tokens still needed
+        segments = block_length if draft_segments is None else min(draft_segments, block_length)
+        return block_length + segments * block_length + 1
+
+    @classmethod
+    def step_width(cls, block_length: int, max_tokens: int, draft_segments: int | None) -> int:
+        return cls.scratch_slots(block_length, max_tokens, draft_segments) - 1

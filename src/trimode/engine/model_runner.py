@@ -1,50 +1,61 @@
-"""Packing of Steps into one batched forward, and ``decode`` for a fixed set of requests.
+"""The model runner: one packed forward for every row's Step, then every row's selection.
 
-``forward_select`` packs every row's Step into one forward (rows right-padded to the
-longest; each row keeps its own attention kind, cache write flag and adapter flags), runs the
-LM head only where a row needs a choice and selects every row's tokens on the device in one
-batch (``batch.py``). The stepping itself lives in ``engine.py``; ``decode`` runs a fixed batch on it.
-Knows nothing about modes beyond the Step interface.
+``forward_select`` right-pads rows to the longest (each row keeps its own attention kind,
+cache write flag and adapter flags), runs the forward (replaying a captured CUDA graph where
+one fits, ``cuda_graphs.py``), the LM head only at the slots a row needs a choice at, and
+one batched selection on the model's device (``decoding/batch.py``): a step copies only
+token ids and a few integers per row to the host. The host-side cache lengths and a
+``ForwardPlan`` mean the forward itself reads nothing back. ``forward_rows`` returns plain
+logits (benchmarks). Knows nothing about modes beyond the Step and Need interfaces.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Protocol
 
 import torch
 
 from ..decoding.batch import Need, Result, select_rows
-from ..decoding.registry import scratch_slots
-from ..decoding.sequence import Sequence, Step
-from ..model.kv_cache import ForwardPlan
-from ..model.model import TriModeModel
+from ..decoding.sequence import Step
+from ..model.attention import ForwardPlan
+from ..model.config import ModelConfig
+from ..model.kv_cache import KVCache
 
 
-def decode(model: TriModeModel, seqs: list[Sequence],
-           on_step: Callable[[Sequence], None] | None = None) -> None:
-    """Decode pre-built ``seqs`` to completion in place, all admitted together (one prefill
-    forward, then one packed forward per step) on a :class:`~trimode.engine.Engine` sized
-    for exactly them. ``on_step(seq)`` is called after every forward a request took part in.
+class DecodingModel(Protocol):
+    """What the engine needs of a model (``TriModeModel`` follows it; so do the tests' stubs).
+
+    ``__call__(tokens [B, T], cache, n_valid [B], bidirectional [B], write [B],
+    adapter [B, T], attention [B, T, T] | None, offsets [B, T] | None) -> hidden [B, T, d]``:
+    row b runs its first ``n_valid[b]`` tokens after its cached prefix, causal or
+    block-bidirectional (or the explicit fused pattern), writing its KV (advancing
+    ``cache.lengths``) only where ``write``; ``embeds`` (VLM prefill only: where ``[B, T]``,
+    values ``[N, d]``) replaces those token embeddings; ``plan`` (a ``ForwardPlan``: what
+    the host knows, so nothing is read back) may be ignored. ``logits(hidden [N, d]) -> [N, V]``.
+    ``new_cache(rows, capacity, zeroed)``: a KVCache (``zeroed=False`` may leave it
+    uninitialised; the pool zeroes rows on first use).
     """
-    from .engine import Engine, EngineConfig
 
-    if not seqs:
-        return
-    need = max(len(s.prompt_ids) + -(-s.params.max_tokens // s.block_length) * s.block_length
-               + scratch_slots(s.params.mode, s.block_length, s.params.max_tokens,
-                               s.params.draft_segments) for s in seqs)
-    # every row may be padded to the widest row (stub models check this strictly)
-    engine = Engine(model, EngineConfig(max_num_seqs=len(seqs), max_model_len=2 * need,
-                                        scratch_tokens=need,
-                                        max_num_batched_tokens=10**9), check_context=False)
-    for s in seqs:
-        s.on_step = on_step
-        engine.add_sequence(s)
-    while engine.has_unfinished():
-        engine.step()
+    config: ModelConfig
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def new_cache(self, rows: int, capacity: int, zeroed: bool = True) -> KVCache: ...
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor,
+                 bidirectional: torch.Tensor, write: torch.Tensor, adapter: torch.Tensor,
+                 attention: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                 embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 plan: ForwardPlan | None = None) -> torch.Tensor: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
-def forward_select(model: TriModeModel, cache, steps: list[Step], needs: list[Need],
+def forward_select(model: DecodingModel, cache, steps: list[Step], needs: list[Need],
                    graphs=None) -> list[Result]:
     """One packed forward of ``steps`` (row i of ``cache`` runs ``steps[i]``), then the LM
     head at exactly the slots ``needs`` name and one batched selection on the model's
@@ -57,7 +68,7 @@ def forward_select(model: TriModeModel, cache, steps: list[Step], needs: list[Ne
     return select_rows(logits, needs, model.config.mask_token_id)
 
 
-def forward_rows(model: TriModeModel, cache, steps: list[Step],
+def forward_rows(model: DecodingModel, cache, steps: list[Step],
                  prefill: bool) -> torch.Tensor | list[torch.Tensor]:
     """One packed forward of ``steps`` -> fp32 logits on the CPU: ``[B, V]`` at each row's
     last real token when ``prefill``, else one ``[len(steps[i].tokens), V]`` tensor per row
@@ -72,7 +83,7 @@ def forward_rows(model: TriModeModel, cache, steps: list[Step],
     return logits if prefill else list(torch.split(logits, n_valid))
 
 
-def _forward(model: TriModeModel, cache, steps: list[Step], graphs=None) -> torch.Tensor:
+def _forward(model: DecodingModel, cache, steps: list[Step], graphs=None) -> torch.Tensor:
     """Hidden states ``[B, T, d]`` of the packed forward; the cache's host lengths follow."""
     device = model.device
     width = max(len(s.tokens) for s in steps)

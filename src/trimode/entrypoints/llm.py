@@ -2,7 +2,7 @@
 
 Turns text into token ids (tokenizer.py), submits every request to the continuous-batching
 engine (engine.py: requests of all modes share each step), and turns ids back into text.
-Every request gets exactly what it gets alone (batched equals single, B09).
+Every request gets exactly what it gets alone (batched equals single, docs/cases.md B09).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Sequence as Seq
 import torch
 
 from ..decoding.sequence import Sequence
-from ..engine.engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
+from ..engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
 from ..checkpoint.loader import load_model
 from ..multimodal.image import ImageLimits
 from ..multimodal.prompt import chat_prompt, check_tokenizer
@@ -175,7 +175,7 @@ class LLM:
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None):
         """Async variant of ``stream`` over an AsyncEngine (created on first use): yields
         RequestUpdates. Leaving the loop early cancels the request."""
-        from ..engine.engine import AsyncEngine
+        from ..engine import AsyncEngine
 
         ids = self._prompt_ids(prompt)
         engine = self._async or AsyncEngine(self)
