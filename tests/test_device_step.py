@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trimode.bench.sync_counter import SyncCounter
-from trimode.engine.engine import Engine, EngineConfig
+from trimode.engine import Engine, EngineConfig
 from trimode.model.config import ModelConfig
 from trimode.model.model import TriModeModel
 from trimode.params import SamplingParams
@@ -57,7 +57,7 @@ def test_at_most_two_host_syncs_per_step_at_batch_16(nano, name, temperature):
 @pytest.mark.parametrize("name", list(MODES))
 def test_same_seed_same_sampled_output_at_batch_1_and_16(nano, name):
     from trimode.decoding.sequence import Sequence
-    from trimode.engine.model_runner import decode
+    from trimode.engine.decode import decode
 
     def run(prompts, seeds):
         seqs = [Sequence(p, _params(name, max_tokens=12, temperature=0.9, top_k=50, seed=s),
@@ -74,7 +74,7 @@ def test_same_seed_same_sampled_output_at_batch_1_and_16(nano, name):
 
 def test_forced_acceptance_is_not_public():
     from trimode import LLM
-    from trimode.engine.engine import EngineConfig as Config
+    from trimode.engine.config import EngineConfig as Config
 
     assert "forced_acceptance" not in inspect.signature(LLM).parameters
     assert "forced_acceptance" not in SamplingParams.__dataclass_fields__

@@ -60,7 +60,7 @@ def copy_bandwidth(device: str, nbytes: int = 2 << 30, repeats: int = 5) -> floa
 def make_engine(model, batch: int, block_length: int, graphs: bool, max_tokens: int,
                 prompt_length: int = 64):
     """An Engine for ``batch`` rows (graphs captured by a warm-up run stay with it)."""
-    from ..engine.engine import Engine, EngineConfig
+    from ..engine import Engine, EngineConfig
 
     return Engine(model, EngineConfig(
         max_num_seqs=batch, max_model_len=prompt_length + 2 * max_tokens + 4 * block_length,
