@@ -32,11 +32,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable
 
 import torch
 
 from .cache import KVPool
+from .decoding.events import EventRecorder
 from .decoding.loop import forward_rows
 from .decoding.modes import STRATEGIES, scratch_slots
 from .decoding.sequence import Sequence, Step
@@ -528,9 +530,11 @@ class AsyncEngine:
         self.engine.validate(prompt_ids, params)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None):
+                       request_id: str | None = None, events: bool = False):
         """Yield this request's RequestUpdates until it finishes (the last has
-        ``finished=True``). Raises ValueError for a request that can never run."""
+        ``finished=True``). With ``events``, also a ``decoding.events.ForwardEvent`` after
+        every forward the request took part in (before that step's update). Raises
+        ValueError for a request that can never run."""
         import asyncio
 
         self.validate(prompt_ids, params)
@@ -538,8 +542,11 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._ensure_thread()
+        if events and not params.trace:
+            params = replace(params, trace=True)  # the recorder reads the trace
         with self._lock:
-            self._inbox.append(("add", request_id, list(prompt_ids), params, loop, queue))
+            self._inbox.append(("add", request_id, list(prompt_ids), params, loop, queue,
+                                events))
         self._wake.set()
         finished = False
         try:
@@ -599,7 +606,7 @@ class AsyncEngine:
             items, self._inbox = list(self._inbox), deque()
         for item in items:
             if item[0] == "add":
-                _, request_id, prompt_ids, params, loop, queue = item
+                _, request_id, prompt_ids, params, loop, queue, events = item
                 if request_id in self._streams or request_id in self.engine.requests:
                     # a duplicate id: refuse it without touching the request that owns it
                     loop.call_soon_threadsafe(queue.put_nowait, ValueError(
@@ -607,7 +614,8 @@ class AsyncEngine:
                     continue
                 self._streams[request_id] = (loop, queue)
                 try:
-                    self.engine.add_request(prompt_ids, params, request_id)
+                    hook = EventRecorder(partial(self._deliver, request_id)) if events else None
+                    self.engine.add_request(prompt_ids, params, request_id, on_step=hook)
                 except Exception as exc:  # noqa: BLE001 - delivered to the caller
                     self._deliver(request_id, exc if isinstance(exc, ValueError) else
                                   RuntimeError(f"{type(exc).__name__}: {exc}"))

@@ -119,9 +119,11 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig) -> FastA
         run = Run(engine, jobs, tokenizer, metrics, endpoint, mode, time.perf_counter())
         watcher = asyncio.create_task(abort_on_disconnect(request, run))
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            options = body.stream_options
+            include_usage = bool(options and options.include_usage)
+            forwards = bool(options and options.trimode_events)
             return StreamingResponse(run.sse(meta, sum(map(len, prompt_tokens)), include_usage,
-                                             watcher),
+                                             watcher, forwards),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
