@@ -193,3 +193,39 @@ def test_server_error_and_restart_are_shown(app, browser):
     with serve_on(app, port):
         wait(lambda: browser.find_element(By.ID, "status").text.startswith("connected"),
              timeout=10, what="the page to reconnect")
+
+
+def test_page_is_package_data_and_can_be_turned_off(app, tiny):
+    """GET / and its files come from the package (declared in pyproject's package-data)
+    and reference nothing outside the server; ServerConfig(ui=False) (--no-ui) turns it off."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    import trimode.server.app as server_app
+
+    folder = Path(server_app.__file__).parent / "ui"
+    globs = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["trimode.server"]
+    files = sorted(p.name for p in folder.iterdir())
+    assert {"index.html", "app.js", "view.js", "style.css"} <= set(files)
+    assert all(any(fnmatch.fnmatch(f"ui/{name}", g) for g in globs) for name in files)
+    for name in files:
+        text = (folder / name).read_text().replace("http://www.w3.org/2000/svg", "")
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
+        assert "innerHTML" not in text and "insertAdjacentHTML" not in text, name
+    with serve_on(app, free_port()) as url:
+        page = httpx.get(url + "/")
+        assert page.status_code == 200 and "trimode playground" in page.text
+        assert httpx.get(url + "/ui/app.js").status_code == 200
+    from trimode import LLM
+    from trimode.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--no-ui"]).ui is False
+    assert build_parser().parse_args(["serve"]).ui is True
+    engine, off = start(LLM(str(tiny[0])), ui=False)
+    with serve_on(off, free_port()) as url:
+        assert httpx.get(url + "/").status_code == 404
+        assert httpx.get(url + "/ui/app.js").status_code == 404
+        assert httpx.get(url + "/health").status_code == 200
+    engine.shutdown()

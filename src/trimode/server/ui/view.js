@@ -1,5 +1,5 @@
 // Drawing of one panel: the current block (cells), the tokens-per-forward chart, the stats.
-// Model text only ever goes through textContent, never innerHTML.
+// Model text only ever goes through textContent, never parsed as HTML.
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -45,7 +45,9 @@ function drawBlock(container, event) {
 
 function drawChart(svg, history) {
   // history: [{committed, tpf}] one per forward
-  const w = 300, h = 60, n = Math.max(history.length, 20);
+  // drawn in the element's own pixels, so bars start at the left edge whatever its width
+  const w = Math.max(svg.clientWidth || 300, 100), h = 60, n = Math.max(history.length, 40);
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
   const top = Math.max(4, ...history.map((p) => p.committed));
   const bw = w / n;
   const nodes = [];
