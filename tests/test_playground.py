@@ -202,11 +202,11 @@ def test_page_is_package_data_and_can_be_turned_off(app, tiny):
     import tomllib
     from pathlib import Path
 
-    import trimode.server.app as server_app
+    import trimode.entrypoints.server.app as server_app
 
     folder = Path(server_app.__file__).parent / "ui"
     globs = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
-        "tool"]["setuptools"]["package-data"]["trimode.server"]
+        "tool"]["setuptools"]["package-data"]["trimode.entrypoints.server"]
     files = sorted(p.name for p in folder.iterdir())
     assert {"index.html", "app.js", "view.js", "style.css"} <= set(files)
     assert all(any(fnmatch.fnmatch(f"ui/{name}", g) for g in globs) for name in files)
@@ -219,7 +219,7 @@ def test_page_is_package_data_and_can_be_turned_off(app, tiny):
         assert page.status_code == 200 and "trimode playground" in page.text
         assert httpx.get(url + "/ui/app.js").status_code == 200
     from trimode import LLM
-    from trimode.cli import build_parser
+    from trimode.entrypoints.cli.main import build_parser
 
     assert build_parser().parse_args(["serve", "--no-ui"]).ui is False
     assert build_parser().parse_args(["serve"]).ui is True

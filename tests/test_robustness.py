@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trimode import LLM, SamplingParams
-from trimode.config import CheckpointError
+from trimode.model.config import CheckpointError
 
 
 @pytest.fixture

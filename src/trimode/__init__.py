@@ -4,8 +4,8 @@ One set of weights decodes in three modes switched by the attention pattern: ``a
 (causal), ``diffusion`` (block diffusion) and ``linear_spec`` (self-speculation).
 """
 
-from .config import CheckpointError, ModelConfig
-from .llm import LLM
+from .model.config import CheckpointError, ModelConfig
+from .entrypoints.llm import LLM
 from .outputs import ForwardTrace, RequestMetrics, RequestOutput
 from .params import MODES, SamplingParams
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import CheckpointError, ModelConfig
-from .model import TriModeModel
+from ..model.config import CheckpointError, ModelConfig
+from ..model.model import TriModeModel
 
 CAUSAL_LM_RENAMES = (("model.", "encoder."), ("lm_head.", "diffusion_head."))
 
@@ -77,7 +77,7 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = resolve(model)
     if ckpt.gguf_file is not None:
-        from .gguf_reader import read_gguf
+        from .gguf import read_gguf
 
         config, tensors = read_gguf(ckpt.gguf_file)
         source = str(ckpt.gguf_file)

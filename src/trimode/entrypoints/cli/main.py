@@ -19,8 +19,8 @@ from contextlib import redirect_stdout
 from rich.console import Console
 from rich.text import Text
 
-from .params import MODES, SamplingParams
-from .server.cli import add_serve_parser
+from ...params import MODES, SamplingParams
+from ..server.cli import add_serve_parser
 from .visual import MASK_GLYPH, LiveView
 
 DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
@@ -132,10 +132,10 @@ def build_parser() -> Parser:
                    "/reset clears the history, /exit or end of input quits. Exits 2 if a "
                    "turn failed.")
     add_serve_parser(sub, threshold_arg)
-    from .bench.cli import add_parser as add_bench
+    from ...bench.cli import add_parser as add_bench
 
     add_bench(sub)
-    from .training.cli import add_train_parser
+    from ...training.cli import add_train_parser
 
     add_train_parser(sub, Parser)
     return parser
@@ -162,12 +162,12 @@ def load(args: argparse.Namespace, stderr: Console):
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: CUDA is not available in this torch build/machine")
-    from . import LLM, CheckpointError
+    from ... import LLM, CheckpointError
 
     with redirect_stdout(sys.stderr):
         model = args.model
         if model is None:
-            from .embedded import default_model_dir
+            from ...checkpoint.embedded import default_model_dir
 
             model = default_model_dir(progress=stderr.is_terminal)
         try:
@@ -274,15 +274,15 @@ def one_line(exc: BaseException) -> str:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from .server.cli import serve
+        from ..server.cli import serve
 
         return serve(args)
     if args.command == "bench":
-        from .bench.cli import run as bench
+        from ...bench.cli import run as bench
 
         return bench(args)
     if args.command == "train":
-        from .training.cli import run_train
+        from ...training.cli import run_train
 
         return run_train(args)
     params = sampling_params(args)

@@ -14,12 +14,12 @@ from typing import Sequence as Seq
 
 import torch
 
-from .decoding.sequence import Sequence
-from .engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
-from .loader import load_model
-from .outputs import RequestOutput
-from .params import SamplingParams
-from .tokenizer import Tokenizer
+from ..decoding.sequence import Sequence
+from ..engine.engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
+from ..checkpoint.loader import load_model
+from ..outputs import RequestOutput
+from ..params import SamplingParams
+from ..checkpoint.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
@@ -53,7 +53,7 @@ class LLM:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
-            from .embedded import default_auto_policy
+            from ..checkpoint.embedded import default_auto_policy
 
             auto = default_auto_policy()
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
@@ -61,7 +61,7 @@ class LLM:
                                      max_num_batched_tokens=max_num_batched_tokens,
                                      auto=auto or AutoPolicy())
         if model is None:
-            from .embedded import default_model_dir, shipped_adapter
+            from ..checkpoint.embedded import default_model_dir, shipped_adapter
 
             model = default_model_dir(progress=progress)
             if draft_adapter is None:
@@ -79,7 +79,7 @@ class LLM:
                                         self.config.bos_token_id)
         self.draft_adapter = None
         if draft_adapter is not None:
-            from .adapter import load_draft_adapter
+            from ..checkpoint.adapter import load_draft_adapter
 
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
         self.max_batch_size = max_batch_size
@@ -162,7 +162,7 @@ class LLM:
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None):
         """Async variant of ``stream`` over an AsyncEngine (created on first use): yields
         RequestUpdates. Leaving the loop early cancels the request."""
-        from .engine import AsyncEngine
+        from ..engine.engine import AsyncEngine
 
         ids = self._prompt_ids(prompt)
         engine = self._async or AsyncEngine(self)

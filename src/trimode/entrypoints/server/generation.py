@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ..decoding.events import ForwardEvent
+from ...decoding.events import ForwardEvent
 from .text import TextStream
 
 log = logging.getLogger("trimode.server")

@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..params import SamplingParams
+from ...params import SamplingParams
 from .generation import Job
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, RequestError, _Sampling,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import ForwardBatch, KVCache, build_forward_batch
+from .kv_cache import ForwardBatch, KVCache, build_forward_batch
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 

@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
-from ..model import TriModeModel
-from .sequence import Sequence, Step
-from .modes import scratch_slots
+from ..model.model import TriModeModel
+from ..decoding.sequence import Sequence, Step
+from ..decoding.registry import scratch_slots
 
 
 def decode(model: TriModeModel, seqs: list[Sequence],
@@ -23,7 +23,7 @@ def decode(model: TriModeModel, seqs: list[Sequence],
     forward, then one packed forward per step) on a :class:`~trimode.engine.Engine` sized
     for exactly them. ``on_step(seq)`` is called after every forward a request took part in.
     """
-    from ..engine import Engine, EngineConfig
+    from .engine import Engine, EngineConfig
 
     if not seqs:
         return

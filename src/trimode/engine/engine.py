@@ -37,13 +37,13 @@ from typing import Callable
 
 import torch
 
-from .cache import KVPool
-from .decoding.events import EventRecorder
-from .decoding.loop import forward_rows
-from .decoding.modes import STRATEGIES, scratch_slots
-from .decoding.sequence import Sequence, Step
-from .outputs import RequestMetrics, RequestOutput, TokenLogprob
-from .params import SamplingParams
+from ..model.kv_cache import KVPool
+from .model_runner import forward_rows
+from ..decoding.events import EventRecorder
+from ..decoding.registry import STRATEGIES, scratch_slots
+from ..decoding.sequence import Sequence, Step
+from ..outputs import RequestMetrics, RequestOutput, TokenLogprob
+from ..params import SamplingParams
 
 log = logging.getLogger("trimode.engine")
 
