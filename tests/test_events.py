@@ -28,7 +28,7 @@ def served(tiny, tiny_llm):
 
     engine, app = start(LLM(str(tiny[0]), max_batch_size=8))
     with running(app) as url:
-        yield url, tiny_llm
+        yield url, tiny_llm, engine
     engine.shutdown()
 
 
@@ -87,7 +87,7 @@ def check_events(events: list[dict], tokens: list[int], mode: str, nfe: int) -> 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_events_agree_with_output(served, mode):
-    url, llm = served
+    url, llm, _ = served
     params = SamplingParams(mode=mode, max_tokens=14, temperature=0, **KNOBS[mode])
     want = llm.generate(PROMPTS[0], params)[0]
     body = {"prompt": PROMPTS[0], "max_tokens": 14, "temperature": 0, "mode": mode,
@@ -107,7 +107,7 @@ def test_events_agree_with_output(served, mode):
 def test_chat_events_interleave_and_sampling(served):
     """Chat streams carry events too (before the text they commit); at temperature > 0
     (speculative sampling) the events still agree with the output."""
-    url, llm = served
+    url, llm, _ = served
     body = {"messages": [{"role": "user", "content": "w5 w6"}], "max_tokens": 12,
             "temperature": 1.0, "seed": 7, "mode": "linear_spec", "block_length": 4,
             "stream_options": {"trimode_events": True}}
@@ -126,7 +126,7 @@ def test_chat_events_interleave_and_sampling(served):
 
 
 def test_ordinary_streams_carry_no_events(served):
-    url, _ = served
+    url, _, _ = served
     for options in (None, {"include_usage": True}, {"trimode_events": False}):
         body = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "mode": "diffusion",
                 "block_length": 4, "stream_options": options}
@@ -136,3 +136,34 @@ def test_ordinary_streams_carry_no_events(served):
     r = httpx.post(f"{url}/v1/completions", json={**body, "stream": True,
                                                   "stream_options": {"trimode_events": "yes"}})
     assert r.status_code == 422 and r.json()["error"]["param"] == "stream_options"
+
+
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "linear_spec", "quadratic_spec"])
+def test_events_with_a_stop_token(served, mode):
+    """A stop token inside a block (AsyncEngine.generate(events=True) directly): the events
+    still commit exactly the output, and the last block ends at the stop token."""
+    import asyncio
+
+    _, llm, engine = served
+    ids = llm.tokenizer.encode(PROMPTS[0])
+    base = SamplingParams(mode=mode, max_tokens=14, temperature=0, **KNOBS[mode])
+    full = llm.generate(PROMPTS[0], base)[0].token_ids
+    stop = full[5]
+    params = SamplingParams(mode=mode, max_tokens=14, temperature=0, stop_token_ids=[stop],
+                            **KNOBS[mode])
+    want = llm.generate(PROMPTS[0], params)[0]
+
+    async def run():
+        events, updates = [], []
+        async for item in engine.generate(ids, params, events=True):
+            (updates if hasattr(item, "new_token_ids") else events).append(item)
+        return events, updates
+
+    events, updates = asyncio.run(run())
+    assert updates[-1].finish_reason == want.finish_reason == "stop"
+    assert [t for e in events for t in e.committed] == want.token_ids == full[:full.index(stop)]
+    slots = {s.position: s for s in events[-1].slots}
+    end = slots[len(want.token_ids)]  # later slots: only drafts thrown away, if any
+    assert (end.token, end.state) == (stop, "committed")
+    assert all(s.state == "rejected" for p, s in slots.items() if p > end.position)
+    assert events[-1].forward == updates[-1].metrics.nfe
