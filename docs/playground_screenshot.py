@@ -15,8 +15,10 @@ import time
 SNAP = """
 const words = (p) => document.querySelector(`[data-panel=${p}] li.assistant .text`)
   .textContent.split(/\\s+/).filter(Boolean).length;
-const open = document.querySelectorAll('[data-panel=a] .cell.masked, [data-panel=a] .cell.provisional');
-return words('a') >= arguments[0] && words('b') >= arguments[0] && open.length > 2;
+const count = (sel) => document.querySelectorAll(`[data-panel=a] .cell.${sel}`).length;
+const rejected = document.querySelectorAll('[data-panel=b] s.rej').length;
+return words('a') >= arguments[0] && words('b') >= arguments[0] && count('provisional') >= 3
+  && count('masked') >= 1 && rejected >= 1;
 """
 
 
@@ -26,8 +28,9 @@ def main() -> None:
     ap.add_argument("--out", default="docs/playground.png")
     ap.add_argument("--prompt", default="Write a short poem about the sea.")
     ap.add_argument("--words", type=int, default=12,
-                    help="take the screenshot once both answers have this many words and "
-                    "request A's block still has masked or provisional slots")
+                    help="take the screenshot once both answers have this many words, "
+                    "request A's block shows masked and provisional slots and request B's "
+                    "a rejected draft")
     args = ap.parse_args()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -50,7 +53,7 @@ def main() -> None:
                 driver.execute_script(
                     "document.querySelector(`[data-panel=${arguments[0]}] [name=${arguments[1]}]`)"
                     ".value = arguments[2]", panel, name, value)
-        driver.execute_script("document.querySelector('#pace').value = '150'")
+        driver.execute_script("document.querySelector('#pace').value = '500'")  # holds each frame
         prompt = driver.find_element(By.ID, "prompt")
         prompt.clear()
         prompt.send_keys(args.prompt)

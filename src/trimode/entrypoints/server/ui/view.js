@@ -9,6 +9,12 @@ function forwardColour(forward) {
   return `hsl(${Math.round((forward * 137.508) % 360)} 62% 80%)`;
 }
 
+function visible(text) {
+  // newlines, tabs and bare spaces would leave a cell looking empty
+  const shown = text.replace(/\n/g, "\u21b5").replace(/\t/g, "\u2192");
+  return shown.trim() === "" ? shown.replace(/ /g, "\u2423") : shown;
+}
+
 function cell(slot) {
   const el = document.createElement("span");
   el.className = `cell ${slot.state}`;
@@ -16,7 +22,7 @@ function cell(slot) {
   if (slot.state === "masked" || slot.token === null) {
     el.textContent = slot.state === "masked" ? "·" : "";
   } else {
-    el.textContent = slot.text;
+    el.textContent = visible(slot.text);
   }
   if (slot.state === "committed" && slot.forward !== null) {
     el.style.background = forwardColour(slot.forward);
@@ -29,7 +35,7 @@ function cell(slot) {
   if (slot.rejected) {
     const s = document.createElement("s");
     s.className = "rej";
-    s.textContent = slot.rejected.text;
+    s.textContent = visible(slot.rejected.text);
     s.title = "rejected draft";
     el.appendChild(s);
   }
@@ -46,8 +52,11 @@ function drawBlock(container, event) {
 function drawChart(svg, history) {
   // history: [{committed, tpf}] one per forward
   // drawn in the element's own pixels, so bars start at the left edge whatever its width
-  const w = Math.max(svg.clientWidth || 300, 100), h = 60, n = Math.max(history.length, 40);
+  const box = svg.getBoundingClientRect();
+  const w = Math.max(Math.round(box.width) || 300, 100), h = Math.round(box.height) || 60;
+  const n = Math.max(history.length, 40);
   svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  svg.setAttribute("preserveAspectRatio", "none");
   const top = Math.max(4, ...history.map((p) => p.committed));
   const bw = w / n;
   const nodes = [];
