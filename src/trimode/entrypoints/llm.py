@@ -17,6 +17,8 @@ import torch
 from ..decoding.sequence import Sequence
 from ..engine.engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
 from ..checkpoint.loader import load_model
+from ..multimodal.image import ImageLimits
+from ..multimodal.prompt import chat_prompt, check_tokenizer
 from ..outputs import RequestOutput
 from ..params import SamplingParams
 from ..checkpoint.tokenizer import Tokenizer
@@ -77,6 +79,9 @@ class LLM:
         self.config = self.model.config
         self.tokenizer = Tokenizer.load(ckpt.directory, ckpt.gguf_file, self.config.mask_token_id,
                                         self.config.bos_token_id)
+        self.image_limits = ImageLimits()  # per-request image count and size limits
+        if self.config.vision is not None:
+            check_tokenizer(self.tokenizer, self.config.vision)
         self.draft_adapter = None
         if draft_adapter is not None:
             from ..checkpoint.adapter import load_draft_adapter
@@ -112,11 +117,18 @@ class LLM:
     def chat(self, conversations: list[dict] | Seq[list[dict]],
              params: SamplingParams | Seq[SamplingParams] | None = None,
              on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template to each conversation and decode."""
+        """Apply the checkpoint's chat template to each conversation and decode.
+
+        A message's content is a string or a list of OpenAI-style parts: ``{"type": "text",
+        "text": ...}``, ``{"type": "image_url", "image_url": {"url": ...}}`` (a ``data:`` URL
+        or a local path) or ``{"type": "image", "image": PIL.Image}`` (NLD-VLM checkpoints;
+        see ``trimode.multimodal.prompt``). Raises ValueError (ImageError for a bad image)."""
         batch = [conversations] if conversations and isinstance(conversations[0], dict) \
             else list(conversations)
-        ids = [self.tokenizer.apply_chat_template(list(c)) for c in batch]
-        return self._run(ids, [None] * len(ids), params, on_step)
+        built = [chat_prompt(self.tokenizer, self.config.vision, list(c), self.image_limits)
+                 for c in batch]
+        return self._run([b[0] for b in built], [None] * len(built), params, on_step,
+                         [b[1] or None for b in built])
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         prompt = _as_id_list(prompt)
@@ -176,16 +188,18 @@ class LLM:
 
     def _run(self, ids: list[list[int]], texts: list[str | None],
              params: SamplingParams | Seq[SamplingParams] | None,
-             on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
+             on_step: Callable[[int, Sequence], None] | None = None,
+             images: list | None = None) -> list[RequestOutput]:
         per = _per_prompt(params, len(ids))
+        images = images or [None] * len(ids)
         self._check_idle()
-        for i, p in zip(ids, per):  # validate everything before queueing anything
-            self.engine.validate(i, p)
+        for i, p, im in zip(ids, per, images):  # validate everything before queueing anything
+            self.engine.validate(i, p, im)
         request_ids = []
         try:
-            for k, (i, p) in enumerate(zip(ids, per)):
+            for k, (i, p, im) in enumerate(zip(ids, per, images)):
                 hook = (lambda seq, k=k: on_step(k, seq)) if on_step else None
-                request_ids.append(self.engine.add_request(i, p, on_step=hook))
+                request_ids.append(self.engine.add_request(i, p, on_step=hook, images=im))
             pending = set(request_ids)
             while pending:
                 for update in self.engine.step():

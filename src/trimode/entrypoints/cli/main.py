@@ -126,6 +126,8 @@ def build_parser() -> Parser:
                          "summary goes to stderr.")
     gen.add_argument("--raw", action="store_true",
                      help="send PROMPT as is, without the chat template")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image shown before PROMPT (NLD-VLM checkpoints); repeat for more")
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
     sub.add_parser("chat", parents=[common], help="interactive multi-turn chat",
                    description="Multi-turn chat reading one user turn per stdin line. "
@@ -292,13 +294,17 @@ def _main(argv: list[str] | None) -> int:
         prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
         if not prompt.strip():
             raise UsageError("PROMPT must not be empty")
+        if args.image and args.raw:
+            raise UsageError("--image needs the chat template; drop --raw")
     llm = load(args, stderr)
     if args.command == "chat":
         return chat_loop(llm, params, args, stderr)
     if not args.raw:
         if not llm.tokenizer.has_chat_template:
             raise UsageError("this checkpoint has no chat template; add --raw")
-        prompt = [{"role": "user", "content": prompt}]
+        images = [{"type": "image_url", "image_url": {"url": p}} for p in args.image]
+        prompt = [{"role": "user", "content": images + [{"type": "text", "text": prompt}]
+                   if images else prompt}]
     run_one(llm, prompt, params, args, stderr, raw=args.raw)
     return 0
 

@@ -105,7 +105,7 @@ def serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(llm)
     try:
         app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
-                        server_config(args, llm, model))
+                        server_config(args, llm, model), vision=llm.config.vision)
         # Open streams are cancelled (and their engine requests aborted) after 5 s of a
         # graceful shutdown instead of keeping the process alive until they finish.
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

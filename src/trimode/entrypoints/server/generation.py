@@ -30,6 +30,7 @@ class Job:
     params: object  # SamplingParams
     request_id: str
     stop: list[str] = field(default_factory=list)
+    images: list | None = None  # ImageInputs filling the prompt's image pads (NLD-VLM)
 
 
 @dataclass
@@ -62,8 +63,10 @@ async def run_choice(engine, job: Job, decode,
     """Events of one choice, the last one with a finish_reason. ``decode(ids) -> str``.
     With ``events``, also a ``Forward`` for every model forward of the choice."""
     stream = TextStream(decode, job.stop)
-    kwargs = {"events": True} if events else {}
-    updates = engine.generate(job.prompt_ids, job.params, job.request_id, **kwargs)
+    extra = {"images": job.images} if job.images else {}
+    if events:
+        extra["events"] = True
+    updates = engine.generate(job.prompt_ids, job.params, job.request_id, **extra)
     engine_done = False
     try:
         async for upd in updates:

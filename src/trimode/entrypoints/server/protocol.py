@@ -10,7 +10,7 @@ Knows nothing about the engine.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
@@ -124,16 +124,32 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str = Field(..., description="a data:image/...;base64 URL (remote URLs are refused)")
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text for p in self.content if isinstance(p, TextPart))
         return self.content or ""
+
+    def parts(self) -> str | list[dict]:
+        """The content for ``multimodal.prompt``: a string, or parts with images."""
+        if isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content):
+            return [p.model_dump(exclude_none=True) for p in self.content]
+        return self.text()
 
 
 class ChatCompletionRequest(_Sampling):
