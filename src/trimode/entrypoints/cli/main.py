@@ -1,35 +1,32 @@
-"""The ``trimode`` command line: ``trimode generate PROMPT`` and ``trimode chat``.
+"""The ``trimode`` command line: the parser of every subcommand and the entry point.
+
+``generate`` and ``chat`` live in ``generate.py``, ``serve`` in ``entrypoints/server/cli.py``,
+``bench`` in ``bench/cli.py``, ``train`` in ``training/cli.py``; shared flag parsing and the
+one-line ``UsageError`` in ``common.py``.
 
 Parses flags into a validated SamplingParams before any model is loaded, so a bad flag
 fails in well under a second with one line ``error: ...`` (exit 2), never a traceback
-(B25). stdout carries only the answer (or one JSON object per answer with ``--json``);
-loading, the metrics summary and the ``--visual`` live view go to stderr, or the live view
-to a terminal stdout, where it is cleared before the answer is printed. Knows nothing about
-decoding beyond ``LLM`` and the ``on_step`` hook.
+(docs/cases.md B25). stdout carries only the answer (or one JSON object per answer with
+``--json``); loading, the metrics summary and the ``--visual`` live view go to stderr, or the
+live view to a terminal stdout, where it is cleared before the answer is printed. Knows
+nothing about decoding beyond ``LLM`` and the ``on_step`` hook.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from contextlib import redirect_stdout
 
 from rich.console import Console
-from rich.text import Text
 
-from ...params import MODES, SamplingParams
+from ...params import MODES
 from ..server.cli import add_serve_parser
+from .common import Parser, UsageError, load, one_line, segments_arg, threshold_arg
+from .generate import DEFAULT, DIFFUSION_THRESHOLD, chat_loop, run_one, sampling_params, summary
 from .visual import MASK_GLYPH, LiveView
 
-DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
-DEFAULT = object()  # --threshold not given: the mode's own default
-FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
-         "block_length": "--block-length", "threshold": "--threshold",
-         "draft_segments": "--draft-segments"}
-
+__all__ = ["main", "build_parser", "UsageError", "load", "summary", "LiveView", "MASK_GLYPH"]
 
 EXAMPLES = """flags: trimode generate --help, trimode chat --help
 
@@ -41,33 +38,6 @@ examples:
 
 exit codes: 0 ok, 2 bad flag/input/checkpoint (one line on stderr), 130 interrupted
 """
-
-
-class UsageError(ValueError):
-    """A flag or input problem found by the CLI itself."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-def threshold_arg(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none'; got {text!r}")
-
-
-def segments_arg(text: str) -> int | None:
-    if text.lower() == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all'; got {text!r}") from None
 
 
 def build_parser() -> Parser:
@@ -141,136 +111,6 @@ def build_parser() -> Parser:
 
     add_train_parser(sub, Parser)
     return parser
-
-
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    threshold = args.threshold
-    if threshold is DEFAULT:
-        threshold = DIFFUSION_THRESHOLD if args.mode == "diffusion" else None
-    try:
-        return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, block_length=args.block_length, threshold=threshold,
-                              draft_segments=args.draft_segments)
-    except ValueError as exc:
-        field, _, rest = str(exc).partition(" ")
-        raise UsageError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(exc)) from None
-
-
-def load(args: argparse.Namespace, stderr: Console):
-    """The LLM, with anything a library prints kept off stdout."""
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: CUDA is not available in this torch build/machine")
-    from ... import LLM, CheckpointError
-
-    with redirect_stdout(sys.stderr):
-        model = args.model
-        if model is None:
-            from ...checkpoint.embedded import default_model_dir
-
-            model = default_model_dir(progress=stderr.is_terminal)
-        try:
-            with stderr.status(f"Loading {model}"):
-                return LLM(args.model, dtype=args.dtype, device=args.device,
-                           draft_adapter=args.draft_adapter, progress=False)
-        except CheckpointError as exc:
-            raise UsageError(f"{_culprit(exc)}: {exc}") from None
-
-
-def _culprit(exc: BaseException) -> str:
-    """The flag whose file failed: the draft adapter loads after the model (adapter.py)."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(os.sep + "adapter.py"):
-            return "--draft-adapter"
-        tb = tb.tb_next
-    return "--model"
-
-
-def summary(out, mode: str) -> str:
-    m = out.metrics
-    acc = f"{m.acceptance_length:.2f}" if m.acceptance_length is not None else "–"
-    stop = " + 1 stop token" if m.generated_tokens > len(out.token_ids) else ""
-    return (f"{mode} · {len(out.token_ids)} tokens{stop} ({out.finish_reason}) · nfe {m.nfe} · "
-            f"{m.tokens_per_forward:.2f} tokens/forward · acceptance_length {acc} · "
-            f"latency {m.latency_s:.2f} s")
-
-
-def run_one(llm, prompt, params: SamplingParams, args, stderr: Console, raw: bool = False):
-    """Decode one prompt (a string with ``raw``, else a conversation), print the answer."""
-    call = llm.generate if raw else llm.chat
-    if args.visual:
-        console = Console() if sys.stdout.isatty() else stderr
-        with LiveView(llm, console) as view:
-            out = call(prompt, params, on_step=view)[0]
-    else:
-        out = call(prompt, params)[0]
-    if args.json:
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
-                          "finish_reason": out.finish_reason, "mode": params.mode,
-                          "metrics": out.metrics.to_dict()}, ensure_ascii=False), flush=True)
-    else:
-        print(out.text, flush=True)
-        stderr.print(Text(summary(out, params.mode), style="dim"), soft_wrap=True)
-    return out
-
-
-def read_turn(interactive: bool) -> str:
-    """One stdin line; the "> " prompt only for a person at a terminal (on stderr when
-    stdout is redirected, so stdout keeps only answers)."""
-    if interactive and sys.stdout.isatty():
-        return input("> ")
-    if interactive:
-        sys.stderr.write("> ")
-        sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line
-
-
-def chat_loop(llm, params: SamplingParams, args, stderr: Console) -> int:
-    if not llm.tokenizer.has_chat_template:
-        raise UsageError("this checkpoint has no chat template; use 'trimode generate --raw'")
-    interactive = sys.stdin.isatty()
-    if interactive:
-        try:
-            import readline  # noqa: F401  (line editing for input())
-        except ImportError:
-            pass
-    history: list[dict] = []
-    failed = False
-    while True:
-        try:
-            line = read_turn(interactive).strip()
-        except EOFError:
-            if interactive:
-                sys.stderr.write("\n")
-            break
-        if line == "/exit":
-            break
-        if line == "/reset":
-            history.clear()
-            stderr.print(Text("(history cleared)", style="dim"))
-            continue
-        if not line:
-            continue
-        turn = history + [{"role": "user", "content": line}]
-        try:
-            out = run_one(llm, turn, params, args, stderr)
-        except ValueError as exc:  # e.g. the context limit: report, keep the session
-            stderr.print(Text(f"error: {one_line(exc)}"))
-            failed = True
-            continue
-        history = turn + [{"role": "assistant", "content": out.text}]
-    return 2 if failed else 0
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split("\n")).strip() or type(exc).__name__
 
 
 def _main(argv: list[str] | None) -> int:
