@@ -23,7 +23,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ...params import SamplingParams
+from ...defaults import MAX_TOKENS
+from ...params import MODE_DEFAULT, SamplingParams
 from ...multimodal.image import ImageLimits
 from ...multimodal.prompt import chat_prompt
 from .generation import Job
@@ -37,7 +38,6 @@ SCHEMA_ERRORS = {"missing", "json_invalid", "model_attributes_type", "int_from_f
                  "json_type", "value_error_json", "union_tag_invalid"}
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # pydantic's union-member labels
 MAX_CHOICES = 256  # engine requests one HTTP request may start (each holds KV)
-DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value, as in the CLI
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ServerConfig:
 
     model_name: str
     mode: str = "auto"
-    max_tokens: int = 256
+    max_tokens: int = MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -201,8 +201,8 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
     def _params(body: _Sampling, j: int) -> SamplingParams:
         mode = body.mode or config.mode
         threshold = body.threshold if body.threshold is not None else config.threshold
-        if threshold is None and mode == "diffusion":
-            threshold = DIFFUSION_THRESHOLD
+        if threshold is None:  # the mode's own default (defaults.THRESHOLD), as in the CLI
+            threshold = MODE_DEFAULT
         top_k = config.top_k if body.top_k is None else max(body.top_k, 0)
         kwargs = dict(
             mode=mode, max_tokens=body.max_tokens or body.max_completion_tokens or config.max_tokens,
@@ -242,7 +242,7 @@ def _check(fn, field: str | None):
         raise
     except ValueError as exc:
         message = " ".join(str(exc).split())
-        first = message.split(" ", 1)[0].strip(":,")
+        first = getattr(exc, "field", None) or message.split(" ", 1)[0].strip(":,")
         param = first if first in _Sampling.model_fields or first in ("logprobs",) else field
         if first == "prompt" and field == "messages":
             param = "messages"

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import argparse
 
-from ...params import MODES
+from ...defaults import CONTEXT_CAP, MAX_TOKENS, MODES, PARALLEL_MODES, THRESHOLD
 
-FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p", "block_length": "--block-length",
-         "threshold": "--threshold"}
+FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "block_length", "threshold")
 
 
 def add_serve_parser(sub, threshold_arg) -> None:
@@ -41,8 +39,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    help="requests decoded together, integer >= 1 (default: 16)")
     s.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context limit in tokens, prompt + generation (default: the "
-                   "checkpoint's max_position_embeddings, capped at 4096)")
-    s.add_argument("--auto-parallel-mode", choices=["diffusion", "linear_spec", "quadratic_spec"],
+                   f"checkpoint's max_position_embeddings, capped at {CONTEXT_CAP})")
+    s.add_argument("--auto-parallel-mode", choices=PARALLEL_MODES,
                    default=None, help="mode 'auto' uses this parallel mode at low load "
                    "(default: the model's measured policy, see README 'mode auto')")
     s.add_argument("--auto-max-parallel-batch", type=int, default=None, metavar="N",
@@ -57,8 +55,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
     d = p.add_argument_group("request defaults (used when a request omits the field)")
     d.add_argument("--mode", choices=MODES, default="auto",
                    help="auto picks a mode per request from the load (default: auto)")
-    d.add_argument("--max-tokens", type=int, default=256, metavar="N",
-                   help="generated-token limit, integer >= 1 (default: 256)")
+    d.add_argument("--max-tokens", type=int, default=MAX_TOKENS, metavar="N",
+                   help=f"generated-token limit, integer >= 1 (default: {MAX_TOKENS})")
     d.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help=">= 0; 0 is greedy (default: 1, as OpenAI)")
     d.add_argument("--top-p", type=float, default=1.0, metavar="P", help="in (0, 1] (default: 1)")
@@ -67,7 +65,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    help="diffusion block / draft window, integer >= 1 (default: the "
                    "checkpoint's block_size)")
     d.add_argument("--threshold", type=threshold_arg, default=None, metavar="X",
-                   help="in [0, 1] (default: 0.9 for diffusion, 0 for the speculative modes)")
+                   help=f"in [0, 1] (default: {THRESHOLD['diffusion']} for diffusion, "
+                   f"{THRESHOLD['linear_spec']:g} for the speculative modes)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -143,17 +142,19 @@ def auto_policy(args: argparse.Namespace):
 def server_config(args: argparse.Namespace, llm, model=None):
     """The request defaults from the flags, checked through SamplingParams (UsageError
     naming the flag). With ``llm``, the full ServerConfig."""
-    from ..cli.common import UsageError
     from ...params import SamplingParams
+    from ..cli.common import flag_error
 
+    # --threshold is the default of the requests that omit it, in whichever mode they ask
+    # for: check it as a diffusion threshold (the widest range) unless it is the mode default
+    threshold = {} if args.threshold is None else {"threshold": args.threshold}
     try:
         SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                       block_length=args.block_length,
-                       threshold=None if args.mode == "quadratic_spec" else args.threshold)
+                       block_length=args.block_length)
+        SamplingParams(mode="diffusion", **threshold)
     except ValueError as exc:
-        field, _, rest = str(exc).partition(" ")
-        raise UsageError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(exc)) from None
+        raise flag_error(exc, FLAGS) from None
     if llm is None:
         return None
     from pathlib import Path
