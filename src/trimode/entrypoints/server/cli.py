@@ -16,7 +16,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
     """The ``serve`` subparser; ``threshold_arg`` parses --threshold as the CLI does."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve the model over HTTP: /v1/completions, "
-                       "/v1/chat/completions, /v1/models, /health, /metrics. Requests choose "
+                       "/v1/chat/completions, /v1/models, /health, /metrics, and a playground "
+                       "page at / (--no-ui: off). Requests choose "
                        "mode, block_length, threshold and top_k in the body (extra_body in "
                        "OpenAI clients); these flags set the defaults for fields they omit.")
     m = p.add_argument_group("model")
@@ -50,6 +51,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    "<= N, ar beyond; 0: always ar")
     s.add_argument("--auto-crossover", default=None, metavar="PATH",
                    help="take the auto policy from a crossover.json written by `trimode bench`")
+    s.add_argument("--no-ui", dest="ui", action="store_false",
+                   help="do not serve the playground page at / (default: served)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     d = p.add_argument_group("request defaults (used when a request omits the field)")
@@ -166,4 +169,4 @@ def server_config(args: argparse.Namespace, llm, model=None):
     return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         block_length=args.block_length, threshold=args.threshold,
-                        max_model_len=limit)
+                        max_model_len=limit, ui=getattr(args, "ui", True))
