@@ -7,6 +7,7 @@ Every request gets exactly what it gets alone (batched equals single, docs/cases
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -42,6 +43,7 @@ class LLM:
     kv_cache_memory: bytes for the KV pool (caps max_batch_size); None: max_batch_size rows.
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
     auto: the ``mode="auto"`` policy (``engine.AutoPolicy``).
+    cuda_graphs: on CUDA, replay captured graphs of the decode forward (``EngineConfig``).
     tensor_parallel_size: ranks the model is sharded over (torch.distributed: NCCL on CUDA,
         one GPU per rank; gloo on CPU); this process is rank 0 and spawns the others, or
         see ``distributed`` and README "Scaling out". Call ``close()`` to stop them.
@@ -57,8 +59,8 @@ class LLM:
                  draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 auto: AutoPolicy | None = None, tensor_parallel_size: int = 1,
-                 distributed=None):
+                 auto: AutoPolicy | None = None, cuda_graphs: bool = True,
+                 tensor_parallel_size: int = 1, distributed=None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
@@ -68,7 +70,7 @@ class LLM:
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
                                      kv_cache_memory=kv_cache_memory,
                                      max_num_batched_tokens=max_num_batched_tokens,
-                                     auto=auto or AutoPolicy())
+                                     auto=auto or AutoPolicy(), cuda_graphs=cuda_graphs)
         if model is None:
             from ..checkpoint.embedded import default_model_dir, shipped_adapter
 
@@ -97,6 +99,8 @@ class LLM:
         if tensor_parallel_size != 1 or distributed is not None:
             self.model = _tensor_parallel(self.model, model, draft_adapter, tensor_parallel_size,
                                           distributed)
+            # graphs would capture the step-plan broadcast: the decode forward runs eagerly
+            engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
         self.max_batch_size = max_batch_size
         self.engine = Engine(self.model, engine_config)
         # a tri-mode adapter (trimode train) is also on for diffusion denoising passes

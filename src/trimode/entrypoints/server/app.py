@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-plus ``/health`` and ``/metrics``.
+plus ``/health``, ``/metrics`` and the playground page at ``/`` (``ui/``, unless turned off).
 
 Every request is validated completely (schema, prompt, SamplingParams, ``engine.validate``
 for the context limit) before any engine work or any response byte, so bad input always
@@ -53,6 +53,7 @@ class ServerConfig:
     block_length: int | None = None
     threshold: float | None = None
     max_model_len: int | None = None
+    ui: bool = True  # GET / serves the playground (ui/); --no-ui turns it off
 
 
 def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=None,
@@ -83,6 +84,9 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
         log.exception("internal error on %s", request.url.path)
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", None,
                                        "internal_server_error"), status_code=500)
+
+    if config.ui:
+        _mount_ui(app)
 
     @app.get("/health")
     async def health():
@@ -132,9 +136,11 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
         run = Run(engine, jobs, tokenizer, metrics, endpoint, mode, time.perf_counter())
         watcher = asyncio.create_task(abort_on_disconnect(request, run))
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            options = body.stream_options
+            include_usage = bool(options and options.include_usage)
+            forwards = bool(options and options.trimode_events)
             return StreamingResponse(run.sse(meta, sum(map(len, prompt_tokens)), include_usage,
-                                             watcher),
+                                             watcher, forwards),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -212,6 +218,24 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
         return _check(lambda: SamplingParams(**kwargs), None)
 
     return app
+
+
+def _mount_ui(app: FastAPI) -> None:
+    """The playground: ``GET /`` (index.html) and its scripts and styles under ``/ui/``,
+    served from the package's own files (nothing is fetched from elsewhere)."""
+    from pathlib import Path
+
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    folder = Path(__file__).parent / "ui"
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(folder / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
+
+    app.mount("/ui", StaticFiles(directory=folder), name="ui")
 
 
 def _check(fn, field: str | None):

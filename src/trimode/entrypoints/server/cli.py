@@ -16,7 +16,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
     """The ``serve`` subparser; ``threshold_arg`` parses --threshold as the CLI does."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve the model over HTTP: /v1/completions, "
-                       "/v1/chat/completions, /v1/models, /health, /metrics. Requests choose "
+                       "/v1/chat/completions, /v1/models, /health, /metrics, and a playground "
+                       "page at / (--no-ui: off). Requests choose "
                        "mode, block_length, threshold and top_k in the body (extra_body in "
                        "OpenAI clients); these flags set the defaults for fields they omit.")
     m = p.add_argument_group("model")
@@ -26,6 +27,9 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on cuda, run every forward eagerly instead of replaying captured "
+                   "CUDA graphs of the decode forward")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
                    help="PEFT LoRA directory for draft passes (and diffusion denoising when the adapter "
                    "is marked for it); default: the shipped adapter for the embedded model")
@@ -47,6 +51,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    "<= N, ar beyond; 0: always ar")
     s.add_argument("--auto-crossover", default=None, metavar="PATH",
                    help="take the auto policy from a crossover.json written by `trimode bench`")
+    s.add_argument("--no-ui", dest="ui", action="store_false",
+                   help="do not serve the playground page at / (default: served)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     x = p.add_argument_group("scaling out (README 'Scaling out')")
@@ -187,7 +193,8 @@ def build_server(args: argparse.Namespace):
             auto = default_auto_policy()
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=adapter,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-              progress=False, auto=auto, tensor_parallel_size=args.tensor_parallel_size,
+              progress=False, auto=auto, cuda_graphs=args.cuda_graphs,
+              tensor_parallel_size=args.tensor_parallel_size,
               distributed=launch(args))
     engine = AsyncEngine(llm)
     try:
@@ -252,4 +259,4 @@ def server_config(args: argparse.Namespace, llm, model=None):
     return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         block_length=args.block_length, threshold=args.threshold,
-                        max_model_len=limit)
+                        max_model_len=limit, ui=getattr(args, "ui", True))

@@ -26,6 +26,8 @@ MAX_STOP = 16
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    trimode_events: StrictBool = Field(False, description="trimode: one extra chunk per model "
+                                       "forward (object trimode.forward; README 'Live events')")
 
 
 class _Sampling(BaseModel):
