@@ -77,6 +77,9 @@ def build_parser() -> Parser:
                    "hub id (default: the embedded SmolLM2-135M-Instruct, converted on first use)")
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
+                   help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
+                   "exactly as int4; auto: follow the GGUF file's type; default: none)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
@@ -172,7 +175,7 @@ def load(args: argparse.Namespace, stderr: Console):
             model = default_model_dir(progress=stderr.is_terminal)
         try:
             with stderr.status(f"Loading {model}"):
-                return LLM(args.model, dtype=args.dtype, device=args.device,
+                return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                            draft_adapter=args.draft_adapter, progress=False)
         except CheckpointError as exc:
             raise UsageError(f"{_culprit(exc)}: {exc}") from None

@@ -40,6 +40,9 @@ class LLM:
     kv_cache_memory: bytes for the KV pool (caps max_batch_size); None: max_batch_size rows.
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
     auto: the ``mode="auto"`` policy (``engine.AutoPolicy``).
+    quantization: None/"none", "int8", "int4" or "auto": weight-only int8/int4 linear layers on
+        PyTorch's CPU kernels (``trimode.quant``); GGUF Q4_0/Q4_1/Q4_K blocks load exactly as
+        int4 (the embedded model's own Q4_1 file included); "auto" follows the GGUF's type.
     Raises CheckpointError (a ValueError) for unreadable or inconsistent checkpoints and
     ValueError for out-of-range settings.
     """
@@ -49,7 +52,7 @@ class LLM:
                  draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 auto: AutoPolicy | None = None):
+                 auto: AutoPolicy | None = None, quantization: str | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
@@ -60,8 +63,14 @@ class LLM:
                                      kv_cache_memory=kv_cache_memory,
                                      max_num_batched_tokens=max_num_batched_tokens,
                                      auto=auto or AutoPolicy())
+        from .quant import check_scheme
+
+        quantization = check_scheme(quantization)
+        quant_source = None
         if model is None:
-            from .embedded import default_model_dir, shipped_adapter
+            from .embedded import default_model_dir, gguf_path, shipped_adapter
+
+            quant_source = gguf_path() if quantization != "none" else None
 
             model = default_model_dir(progress=progress)
             if draft_adapter is None:
@@ -74,6 +83,11 @@ class LLM:
             raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
         device = _check_device(device)
         self.model, ckpt = load_model(model, dtype=dtype, device=device)
+        if quantization != "none":
+            from .quant import quantize_model
+
+            quantization = quantize_model(self.model, quantization, quant_source or ckpt.gguf_file)
+        self.quantization = quantization
         self.config = self.model.config
         self.tokenizer = Tokenizer.load(ckpt.directory, ckpt.gguf_file, self.config.mask_token_id,
                                         self.config.bos_token_id)

@@ -26,6 +26,9 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    "hub id (default: the embedded SmolLM2-135M-Instruct)")
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
+                   help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
+                   "exactly as int4; auto: follow the GGUF file's type; default: none)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
@@ -96,7 +99,7 @@ def serve(args: argparse.Namespace) -> int:
             from ..embedded import default_auto_policy
 
             auto = default_auto_policy()
-    llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=args.draft_adapter,
+    llm = LLM(model, dtype=args.dtype, device=args.device, quantization=args.quantization, draft_adapter=args.draft_adapter,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
               progress=False, auto=auto)
     engine = AsyncEngine(llm)
