@@ -8,7 +8,7 @@ permutation is undone here so the weights match the Hugging Face layout. Quantiz
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +58,11 @@ def gguf_config(reader, source: str) -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_norm_eps=float(_field(reader, "trimode.rms_norm_eps")
+                           or _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
-        rope=_llama4_scale(reader, _gguf_rope(reader, arch, source)),
+        rope=_trimode_rope(reader, _gguf_rope(reader, arch, source)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
         mask_token_id=None if mask is None else int(mask),
@@ -95,14 +96,11 @@ def _gguf_rope(reader, arch: str, source: str) -> RopeConfig:
                           "(only none, linear and plain yarn are read)")
 
 
-def _llama4_scale(reader, rope: RopeConfig) -> RopeConfig:
-    """trimode's own keys for the Llama-4 query scale (no llama.cpp key exists)."""
-    beta = _field(reader, "trimode.rope.llama_4_scaling_beta")
-    if beta is None:
-        return rope
-    orig = _field(reader, "trimode.rope.original_context_length")
-    return dataclasses.replace(rope, llama_4_scaling_beta=float(beta),
-                               original_max_position_embeddings=int(orig))
+def _trimode_rope(reader, rope: RopeConfig) -> RopeConfig:
+    """``trimode.rope`` (JSON, written by ``trimode convert``) wins over the llama.cpp keys,
+    which cannot express YaRN mscale or the Llama-4 query scale."""
+    raw = _field(reader, "trimode.rope")
+    return rope if raw is None else RopeConfig(**json.loads(raw))
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

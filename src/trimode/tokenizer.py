@@ -33,7 +33,7 @@ class Tokenizer:
         hf_logging.set_verbosity_error()  # it warns that config.json's model_type is not its own
         try:
             if gguf_file is not None:
-                hf = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file.name)
+                hf = _gguf_tokenizer(directory, gguf_file)
             else:
                 hf = AutoTokenizer.from_pretrained(str(directory))
         except Exception as exc:
@@ -96,3 +96,16 @@ def _check_messages(messages: list[dict]) -> None:
         if not isinstance(m["content"], str):
             raise ValueError(f"messages[{i}].content must be a string; got "
                              f"{type(m['content']).__name__}")
+
+
+def _gguf_tokenizer(directory: Path, gguf_file: Path):
+    """transformers reads GGUF tokenizers only for architectures it knows; for the others
+    (``dream``, written by ``trimode convert``) the tokenizer class reads the same metadata."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file.name)
+    except ValueError as exc:
+        if "architecture" not in str(exc):
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(str(directory), gguf_file=gguf_file.name)

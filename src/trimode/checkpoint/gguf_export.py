@@ -3,8 +3,9 @@
 ``arch="dream"`` writes NLD the way the community converter for llama.cpp forks does
 (spec vlm-tp-quant.md 3.2): ``dream.attention.causal=false``, ``diffusion.shift_logits=false``,
 ``tokenizer.ggml.mask_token_id``, ``diffusion_head`` as ``output``, no q/k permutation, plus
-trimode's own keys ``trimode.block_size`` and ``trimode.rope.llama_4_scaling_beta`` /
-``trimode.rope.original_context_length`` (the Llama-4 query scale, which has no llama.cpp key).
+trimode's own keys ``trimode.block_size``, ``trimode.rope`` (the whole RoPE setting as JSON:
+YaRN mscale and the Llama-4 query scale have no llama.cpp keys) and ``trimode.rms_norm_eps``
+(f64; the standard key is f32), so trimode reads its own export back exactly.
 ``arch="llama"`` writes the AR view for llama.cpp's ordinary tools (q/k rows permuted the way
 llama.cpp's converter does). The BPE tokenizer (tokens, types, merges, special ids) and the chat
 template go inside. 1-D tensors stay f32; ``outtype`` applies to the matrices.
@@ -12,6 +13,8 @@ template go inside. 1-D tensors stay f32; ``outtype`` applies to the matrices.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -137,10 +140,9 @@ def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, outtype
         w.add_causal_attention(False)
         w.add_diffusion_shift_logits(False)
         w.add_uint32("trimode.block_size", c.block_size)
-        if c.rope.llama_4_scaling_beta is not None:
-            w.add_float32("trimode.rope.llama_4_scaling_beta", c.rope.llama_4_scaling_beta)
-            w.add_uint32("trimode.rope.original_context_length",
-                         c.rope.original_max_position_embeddings or c.max_position_embeddings)
+        # exact values llama.cpp has no keys for (YaRN mscale, Llama-4 query scale; f64 eps)
+        w.add_string("trimode.rope", json.dumps(dataclasses.asdict(c.rope)))
+        w.add_float64("trimode.rms_norm_eps", c.rms_norm_eps)
     _add_tokenizer(w, Path(ckpt.directory), c.vocab_size, tokenizer_pre or "default")
     if c.mask_token_id is not None:
         w.add_mask_token_id(c.mask_token_id)
