@@ -85,7 +85,7 @@ def packing(llm, rows_per_kind: int = 4, prefix: int = 96, block_length: int = 8
     """Median seconds of one decode forward over a mixed batch (ar 1 token, linear_spec
     draft of block_length, diffusion denoise of block_length per row) packed into one
     forward vs one forward per kind on contiguous row ranges."""
-    from trimode.decoding.loop import forward_rows
+    from trimode.engine.model_runner import forward_rows
     from trimode.decoding.sequence import Step
 
     model = llm.model
@@ -102,7 +102,7 @@ def packing(llm, rows_per_kind: int = 4, prefix: int = 96, block_length: int = 8
                      write=False)] * rows_per_kind)
 
     def view(a, b):
-        from trimode.cache import KVPool
+        from trimode.engine.kv_pool import KVPool
 
         pool = KVPool(cache)
         pool.live = n

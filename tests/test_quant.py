@@ -108,7 +108,7 @@ def q8_gguf(tmp_path_factory):
 
 
 def test_q8_0_gguf_loads_quantized_and_generates(q8_gguf):
-    from trimode.loader import load_model
+    from trimode.checkpoint.loader import load_model
 
     dense, _ = load_model(q8_gguf, dtype=torch.float32, device="cpu")
     net, _ = load_model(q8_gguf, dtype=torch.float32, device="cpu", quantization="auto")

@@ -1,14 +1,16 @@
 """trimode: an inference engine for tri-mode diffusion language models.
 
-One set of weights decodes in three modes switched by the attention pattern: ``ar``
-(causal), ``diffusion`` (block diffusion) and ``linear_spec`` (self-speculation).
+One set of weights decodes in several modes switched by the attention pattern: ``ar``
+(causal), ``diffusion`` (block diffusion), ``linear_spec`` (self-speculation) and
+``quadratic_spec`` (draft and verify fused). docs/ARCHITECTURE.md maps the code.
 """
 
-from .config import CheckpointError, ModelConfig
-from .llm import LLM
+from .engine import AsyncEngine, AutoPolicy
+from .entrypoints.llm import LLM
+from .model.config import CheckpointError, ModelConfig
 from .outputs import ForwardTrace, RequestMetrics, RequestOutput
 from .params import MODES, SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "ForwardTrace",
-           "ModelConfig", "CheckpointError", "MODES"]
+           "ModelConfig", "CheckpointError", "MODES", "AutoPolicy", "AsyncEngine"]
 __version__ = "0.1.0"

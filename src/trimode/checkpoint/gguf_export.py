@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import CheckpointError
+from ..model.config import CheckpointError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCHES = ("dream", "llama")
@@ -98,14 +98,14 @@ def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, outtype
     """Write ``model`` (a checkpoint, or None for the embedded model) to ``out``; returns it."""
     import gguf
 
-    from ..loader import load_model
+    from .loader import load_model
 
     if outtype not in OUTTYPES:
         raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)}; got {outtype!r}")
     if arch not in ARCHES:
         raise ValueError(f"arch must be one of {', '.join(ARCHES)}; got {arch!r}")
     if model is None:
-        from ..embedded import default_model_dir, gguf_path
+        from .embedded import default_model_dir, gguf_path
 
         model = default_model_dir(progress=False)
         if tokenizer_pre is None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import CheckpointError
-from ..model import Linear, TriModeModel
+from ..model.config import CheckpointError
+from ..model.model import Linear, TriModeModel
 from .gguf_blocks import EXACT_INT4, gguf_weight
 from .layers import COMPUTE_DTYPE, Int4Weight, Int8Weight, QuantLinear, int4_from_float, int8_from_float
 
@@ -36,7 +36,7 @@ def _gguf_raw(path: Path) -> tuple[dict[str, tuple[str, np.ndarray, np.ndarray |
     """trimode name -> (GGUF type name, raw data, row permutation or None) and the arch."""
     import gguf
 
-    from ..gguf_reader import _unpermute, trimode_name
+    from ..checkpoint.gguf import _unpermute, trimode_name
 
     reader = gguf.GGUFReader(str(path))
     arch = reader.fields["general.architecture"].contents()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import Linear
+from ..model.model import Linear
 
 COMPUTE_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)

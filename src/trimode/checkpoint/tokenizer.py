@@ -1,0 +1,111 @@
+"""The checkpoint's own tokenizer and chat template, through transformers.
+
+Reads ``tokenizer.json`` with ``chat_template.jinja`` or the template in
+``tokenizer_config.json`` (or the tokenizer embedded in a GGUF file). Guarantees:
+chat prompts carry exactly one BOS; text can never produce the mask token id (a literal
+mask string in user text is tokenized as plain characters); raw token-id prompts that
+contain the mask id are rejected with ValueError. Knows nothing about the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..model.config import CheckpointError
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer, mask_token_id: int | None, bos_token_id: int | None):
+        self.hf = hf_tokenizer
+        self.mask_token_id = mask_token_id
+        self.bos_token_id = bos_token_id if bos_token_id is not None else hf_tokenizer.bos_token_id
+        self.add_bos = bool(getattr(hf_tokenizer, "add_bos_token", False))
+        self._mask_text = (hf_tokenizer.convert_ids_to_tokens(mask_token_id)
+                           if mask_token_id is not None else None)
+
+    @classmethod
+    def load(cls, directory: Path, gguf_file: Path | None, mask_token_id: int | None,
+             bos_token_id: int | None) -> "Tokenizer":
+        """Raises CheckpointError naming the directory when no tokenizer can be read."""
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # it warns that config.json's model_type is not its own
+        try:
+            if gguf_file is not None:
+                hf = _gguf_tokenizer(directory, gguf_file)
+            else:
+                hf = AutoTokenizer.from_pretrained(str(directory))
+        except Exception as exc:
+            raise CheckpointError(f"{directory}: cannot load the tokenizer ({exc})") from None
+        return cls(hf, mask_token_id, bos_token_id)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of ``text``; special-token strings are parsed, except the mask's."""
+        ids = self.hf(text, add_special_tokens=False).input_ids
+        if self.mask_token_id is not None and self.mask_token_id in ids:
+            literal = self.hf(self._mask_text, add_special_tokens=False,
+                              split_special_tokens=True).input_ids
+            ids = [x for tok in ids for x in (literal if tok == self.mask_token_id else [tok])]
+        add = self.add_bos if add_bos is None else add_bos
+        if add and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Render with the checkpoint's template (generation prompt added) and tokenize,
+        with exactly one leading BOS when the template or tokenizer uses one."""
+        if not self.has_chat_template:
+            raise ValueError("this checkpoint has no chat template; pass a raw prompt instead")
+        _check_messages(messages)
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.encode(text)
+        bos = self.bos_token_id
+        while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    def check_ids(self, ids: list[int], vocab_size: int, field: str = "prompt") -> list[int]:
+        """Validate a raw token-id prompt; raises ValueError naming ``field``."""
+        if not ids:
+            raise ValueError(f"{field} must not be empty")
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size:
+                raise ValueError(f"{field} token ids must be integers in [0, {vocab_size}); got {i!r}")
+        if self.mask_token_id is not None and self.mask_token_id in ids:
+            raise ValueError(f"{field} contains the mask token id {self.mask_token_id}, which is "
+                             "reserved for diffusion and never valid input")
+        return list(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+def _check_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"each message needs 'role' and 'content'; got {m!r}")
+        if not isinstance(m["role"], str) or not m["role"]:
+            raise ValueError(f"messages[{i}].role must be a non-empty string; got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{i}].content must be a string; got "
+                             f"{type(m['content']).__name__}")
+
+
+def _gguf_tokenizer(directory: Path, gguf_file: Path):
+    """transformers reads GGUF tokenizers only for architectures it knows; for the others
+    (``dream``, written by ``trimode convert``) the tokenizer class reads the same metadata."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file.name)
+    except ValueError as exc:
+        if "architecture" not in str(exc):
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(str(directory), gguf_file=gguf_file.name)

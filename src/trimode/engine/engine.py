@@ -1,0 +1,327 @@
+"""The serving engine: continuous batching with a decoding mode per request.
+
+Requests are admitted between steps and leave the moment they finish, are cancelled or fail.
+Every live request keeps its own SamplingParams (mode, block_length, threshold, temperature,
+seed...). One engine step is at most two forwards:
+
+1. a causal prefill of the requests admitted this step (their rows are contiguous at the end
+   of the pool, so the forward runs on a view of just those rows), then
+2. one packed decode forward over every running request: each row is the Step its strategy
+   named (an AR token, a diffusion denoise or commit block, a linear_spec draft or verify
+   block, a quadratic_spec fused layout), with its own attention kind, cache-write flag and
+   adapter flags, right-padded to the widest row.
+
+Why one packed forward rather than one forward per kind: ``benchmarks/bench_engine.py``
+measures both (see benchmarks/RESULTS.md, "Engine"); on a CPU a forward's cost grows far
+slower than its token count at small widths, so packing wins while the widths are close, and
+the admission budget (``max_num_batched_tokens``) bounds the padding.
+
+The scheduler (``scheduler.py``) decides *who* runs and how many query tokens each may use
+(admission against rows, the token budget and the KV reservation); strategies decide *what*
+the tokens are; the model runner (``model_runner.py``) builds the tensors and runs the
+forward. KV memory is a preallocated :class:`~trimode.engine.kv_pool.KVPool`; a request
+reserves its whole row at admission, so a running request never waits for memory, and its
+row is freed on finish, cancellation or error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from ..decoding.registry import STRATEGIES, scratch_slots
+from ..decoding.sequence import Sequence, Step
+from ..multimodal.requests import attach_features, check_images, prefill_step
+from ..params import SamplingParams
+from . import model_runner
+from .config import EngineConfig
+from .kv_pool import KVPool, kv_bytes_per_token
+from .prefix import share_prefix
+from .request import RequestUpdate
+from .scheduler import Scheduler
+
+log = logging.getLogger("trimode.engine")
+
+
+class Engine:
+    """Continuous-batching decoder over one model (not thread-safe; see AsyncEngine).
+
+    ``model``: a TriModeModel (or any object with its ``config``, ``new_cache``, ``__call__``
+    and ``logits``). ``eos_token_ids`` end every request. Raises ValueError for a config
+    the pool cannot hold.
+    """
+
+    def __init__(self, model, config: EngineConfig | None = None, check_context: bool = True):
+        self.model = model
+        self.config = config or EngineConfig()
+        mc = model.config
+        limit = mc.max_position_embeddings
+        self.max_model_len = self.config.max_model_len or min(limit, 4096)
+        if check_context:
+            self.max_model_len = min(self.max_model_len, limit)
+        self.check_context = check_context
+        rows = self.config.max_num_seqs
+        per_token = kv_bytes_per_token(model)
+        self.row_capacity = self.max_model_len + self.config.scratch_tokens + 1  # +1 spare slot
+        if self.config.kv_cache_memory is not None:
+            fit = self.config.kv_cache_memory // (per_token * self.row_capacity)
+            if fit < 1:
+                raise ValueError(f"kv_cache_memory {self.config.kv_cache_memory} bytes holds no "
+                                 f"request of max_model_len {self.max_model_len} "
+                                 f"({per_token * self.row_capacity} bytes per row)")
+            rows = min(rows, int(fit))
+        try:
+            cache = model.new_cache(rows, self.row_capacity, zeroed=False)
+        except TypeError:  # models (test stubs) without lazy caches
+            cache = model.new_cache(rows, self.row_capacity)
+        self.pool = KVPool(cache)
+        self.scheduler = Scheduler(self.config, self.pool)
+        self.kv_bytes = rows * self.row_capacity * per_token
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.steps = 0
+        self.forwards = 0
+        self.shared_prefix_tokens = 0  # prompt tokens whose prefill prefix sharing saved
+        self.denoise_adapter = False  # the draft adapter also denoises (LLM sets it)
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None,
+                    on_step: Callable[[Sequence], None] | None = None,
+                    images: list | None = None) -> str:
+        """Queue a request; it joins the batch at the next step that has room.
+
+        ``prompt_ids``: validated token ids (see ``Tokenizer.check_ids``). Returns the
+        request id. Raises ValueError when the request can never run here: a mode the
+        checkpoint cannot run, prompt + generation over the context limit or
+        ``max_model_len``, a prompt over ``max_num_batched_tokens``, or a duplicate id.
+        ``images``: preprocessed ``ImageInput``s whose features fill the prompt's image pad
+        tokens in order (the vision tower runs here, once per image).
+        """
+        self.validate(prompt_ids, params, images)
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        seq = self._sequence(prompt_ids, params)
+        attach_features(self.model, seq, images)
+        seq.request_id = request_id
+        seq.on_step = on_step
+        self.requests[request_id] = seq
+        self.waiting.append(seq)
+        return request_id
+
+    def add_sequence(self, seq: Sequence) -> str:
+        """Queue a pre-built Sequence (``engine.decode.decode``); checks it fits the pool."""
+        if seq.params.mode == "auto":
+            raise ValueError("add_sequence needs a resolved mode, not 'auto'")
+        self._check_fits(seq.prompt_ids, seq.params, seq.block_length)
+        seq.request_id = str(next(self._ids))
+        self.requests[seq.request_id] = seq
+        self.waiting.append(seq)
+        return seq.request_id
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams,
+                 images: list | None = None) -> None:
+        """Raise ValueError (naming the field and limit) if the request could never run."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams; got {params!r}")
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise ValueError("prompt must be a non-empty list of token ids")
+        check_images(self.model, list(prompt_ids), images)
+        modes = (params.mode,) if params.mode != "auto" else ("ar", self.config.auto.parallel_mode)
+        for mode in modes:
+            self._check_fits(prompt_ids, replace(params, mode=mode))
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request: a waiting one leaves the queue, a running one is finished
+        (``abort``) and its KV row freed at once. Returns False for unknown or finished ids."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.finished:
+            return False
+        seq.finish("abort")
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self._finalize(seq)
+        else:
+            self._release([seq])
+        return True
+
+    def fail_all(self, message: str) -> list[RequestUpdate]:
+        """End every waiting and running request with ``error`` (``message``), free their
+        rows and return their last updates (what a failed step leaves behind)."""
+        victims = list(self.running) + list(self.waiting)
+        for seq in victims:
+            seq.finish("error", message)
+        for seq in self.waiting:
+            self._finalize(seq)
+        self.waiting.clear()
+        self._release(list(self.running))
+        return [u for seq in victims if (u := self.take_update(seq)) is not None]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self) -> dict:
+        """Queue and pool use: running, waiting, kv_rows_used/total, kv_tokens_used/total."""
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "kv_rows_used": self.pool.live, "kv_rows_total": self.pool.rows,
+                "kv_tokens_used": self.pool.used_positions(),
+                "kv_tokens_total": self.pool.rows * self.max_model_len,
+                "shared_prefix_tokens": self.shared_prefix_tokens}
+
+    def output(self, request_id: str) -> Sequence:
+        return self.requests[request_id]
+
+    def pop_finished(self, request_id: str) -> Sequence:
+        """Forget a finished request (its id may then be reused)."""
+        seq = self.requests[request_id]
+        if not seq.finished:
+            raise ValueError(f"request {request_id!r} is not finished")
+        return self.requests.pop(request_id)
+
+    def take_update(self, seq: Sequence) -> RequestUpdate | None:
+        """What ``seq`` committed since the last update (None if nothing and not finished)."""
+        new = seq.generated[seq.emitted:]
+        if not new and not seq.finished:
+            return None
+        lps = None if seq.logprobs is None else seq.logprobs[seq.emitted:]
+        seq.emitted = len(seq.generated)
+        return RequestUpdate(seq.request_id, list(new), lps, list(seq.generated), seq.finished,
+                             seq.finish_reason, seq.params.mode, seq.metrics, seq.error)
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestUpdate]:
+        """Admit what fits, prefill it, run one decode forward; return the updates of every
+        request that committed tokens or ended in this step."""
+        touched: dict[str, Sequence] = {}
+        admitted = self.scheduler.admit(self._resolve)
+        for s in admitted:
+            self.requests[s.request_id] = s  # an auto request is now its resolved Sequence
+        if admitted:
+            start = admitted[0].row
+            shared = [self._share_prefix(s) for s in admitted]
+            self._run([prefill_step(s, n, self.model) for s, n in zip(admitted, shared)],
+                      admitted, start, prefill=True)
+            touched.update((s.request_id, s) for s in admitted)
+        decoding = [s for s in self.running if not s.finished and s not in admitted]
+        if decoding:
+            # rows of decoding requests are 0 .. k-1 only if no admitted row sits in between;
+            # admitted rows are the last ones, so the decode forward covers rows 0 .. k-1.
+            self._run([s.strategy.next_step(s) for s in decoding], decoding, 0, prefill=False)
+            touched.update((s.request_id, s) for s in decoding)
+        self.steps += 1
+        return [u for s in touched.values() if (u := self.take_update(s)) is not None]
+
+    def _resolve(self, seq: Sequence, mode: str) -> Sequence:
+        """An auto request as the Sequence of ``mode`` (same id, seed and arrival)."""
+        return self._sequence(seq.prompt_ids, replace(seq.params, mode=mode), seq)
+
+    def _share_prefix(self, seq: Sequence) -> int:
+        n = share_prefix(seq, self.running, self.pool.cache, self.config.min_shared_prefix)
+        self.shared_prefix_tokens += n
+        return n
+
+    def _run(self, steps: list[Step], seqs: list[Sequence], start: int, prefill: bool) -> None:
+        view = self.pool.view(start, start + len(seqs))
+        assert [s.row for s in seqs] == list(range(start, start + len(seqs)))
+        try:
+            logits, bad = model_runner.run(self.model, view, steps, prefill)
+        except Exception as exc:  # a failed forward ends its requests, never the engine
+            log.exception("forward failed")
+            for s in seqs:
+                s.finish("error", f"forward failed: {type(exc).__name__}: {exc}")
+            self._release(seqs)
+            return
+        self.pool.sync(view, start)
+        self.forwards += 1
+        for i, (seq, step) in enumerate(zip(seqs, steps)):
+            seq.metrics.nfe += 1
+            if bad[i]:
+                seq.finish("error", "the model produced NaN or +inf logits")
+                continue
+            try:
+                if prefill:
+                    seq.strategy = STRATEGIES[seq.params.mode]()
+                    seq.strategy.start(seq, logits[i : i + 1])
+                else:
+                    seq.strategy.update(seq, logits[i])
+            except Exception as exc:
+                log.exception("request %s failed", seq.request_id)
+                seq.finish("error", f"{type(exc).__name__}: {exc}")
+            if seq.on_step:
+                seq.on_step(seq)
+        rollback = torch.tensor([s.rollback for s in seqs], device=view.lengths.device)
+        if bool(rollback.any()):
+            view.crop(view.lengths - rollback)
+            self.pool.sync(view, start)
+            for s in seqs:
+                s.rollback = 0
+        self._release([s for s in seqs if s.finished])
+
+    def _release(self, done: list[Sequence]) -> None:
+        """Free the rows of finished requests, keeping live rows contiguous."""
+        for seq in self.scheduler.release(done):
+            self._finalize(seq)
+
+    def _finalize(self, seq: Sequence) -> None:
+        seq.metrics.latency_s = time.perf_counter() - seq.arrival
+        if seq.verifies:
+            seq.metrics.acceptance_length = (seq.metrics.generated_tokens - 1) / seq.verifies
+
+    # ------------------------------------------------------------------ requests -> sequences
+
+    def _check_fits(self, prompt_ids: list[int], params: SamplingParams,
+                    block: int | None = None) -> None:
+        mc = self.model.config
+        strategy = STRATEGIES[params.mode]
+        if strategy.needs_mask and mc.mask_token_id is None:
+            raise ValueError(f"mode {params.mode!r} needs a mask_token_id in the checkpoint config")
+        block = block or params.block_length or mc.block_size
+        generated = strategy.generated_positions(block, params.max_tokens)
+        rounding = " after block rounding" if generated != params.max_tokens else ""
+        limit = mc.max_position_embeddings
+        total = len(prompt_ids) + generated
+        # the tighter limit is the one named (max_model_len <= the checkpoint's limit)
+        if total > self.max_model_len and (not self.check_context or self.max_model_len < limit):
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}")
+        if self.check_context and total > limit:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds the context limit {limit}")
+        scratch = scratch_slots(params.mode, block, params.max_tokens, params.draft_segments)
+        if scratch > self.config.scratch_tokens:
+            raise ValueError(f"{params.mode} with block_length {block} needs {scratch} scratch "
+                             f"positions per forward; the engine reserves scratch_tokens "
+                             f"{self.config.scratch_tokens} (use a smaller "
+                             f"{strategy.shrink_hint})")
+        if len(prompt_ids) > self.config.max_num_batched_tokens:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) exceeds max_num_batched_tokens "
+                             f"{self.config.max_num_batched_tokens}")
+
+    def _sequence(self, prompt_ids: list[int], params: SamplingParams,
+                  like: Sequence | None = None) -> Sequence:
+        mc = self.model.config
+        block = params.block_length or mc.block_size
+        stop = set(mc.eos_token_ids) | set(params.stop_token_ids)
+        seq = Sequence(prompt_ids, params, stop, mc.mask_token_id, block, self.denoise_adapter)
+        if like is not None:  # auto resolved at admission: keep identity, seed and arrival
+            seq.request_id, seq.arrival, seq.on_step = like.request_id, like.arrival, like.on_step
+            seq.generator = like.generator
+            seq.images, seq.image_features = like.images, like.image_features
+            seq.image_pad_id, seq.share_keys = like.image_pad_id, like.share_keys
+        return seq

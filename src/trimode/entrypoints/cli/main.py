@@ -1,0 +1,179 @@
+"""The ``trimode`` command line: the parser of every subcommand and the entry point.
+
+``generate`` and ``chat`` live in ``generate.py``, ``serve`` in ``entrypoints/server/cli.py``,
+``bench`` in ``bench/cli.py``, ``train`` in ``training/cli.py``; shared flag parsing and the
+one-line ``UsageError`` in ``common.py``.
+
+Parses flags into a validated SamplingParams before any model is loaded, so a bad flag
+fails in well under a second with one line ``error: ...`` (exit 2), never a traceback
+(docs/cases.md B25). stdout carries only the answer (or one JSON object per answer with
+``--json``); loading, the metrics summary and the ``--visual`` live view go to stderr, or the
+live view to a terminal stdout, where it is cleared before the answer is printed. Knows
+nothing about decoding beyond ``LLM`` and the ``on_step`` hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+
+from ...params import MODES
+from ..server.cli import add_serve_parser
+from .common import Parser, UsageError, load, one_line, segments_arg, threshold_arg
+from .generate import DEFAULT, DIFFUSION_THRESHOLD, chat_loop, run_one, sampling_params, summary
+from .visual import MASK_GLYPH, LiveView
+
+__all__ = ["main", "build_parser", "UsageError", "load", "summary", "LiveView", "MASK_GLYPH"]
+
+EXAMPLES = """flags: trimode generate --help, trimode chat --help
+
+examples:
+  trimode generate "What is the capital of France?"
+  trimode generate --mode linear_spec --json --max-tokens 64 "Write a haiku."
+  trimode generate --mode diffusion --block-length 32 --threshold 0.9 --visual "Count to 20."
+  echo "Hi" | trimode chat --mode linear_spec
+
+exit codes: 0 ok, 2 bad flag/input/checkpoint (one line on stderr), 130 interrupted
+"""
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    m = common.add_argument_group("model")
+    m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
+                   "hub id (default: the embedded SmolLM2-135M-Instruct, converted on first use)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
+                   help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
+                   "exactly as int4; auto: follow the GGUF file's type; default: none)")
+    m.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--draft-adapter", metavar="PATH", default=None,
+                   help="PEFT LoRA directory used for linear_spec / quadratic_spec draft passes "
+                   "(and diffusion denoising if trained for it); 'none' for no adapter "
+                   "(default: the shipped tri-mode adapter on the embedded model)")
+    d = common.add_argument_group("decoding")
+    d.add_argument("--mode", choices=MODES, default="ar",
+                   help="ar: one token per forward; diffusion: block diffusion; linear_spec: "
+                   "self-speculation (draft a block bidirectionally, verify causally); "
+                   "quadratic_spec: the same with draft and verify fused in one forward "
+                   "(default: ar)")
+    d.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                   help="generated-token limit, integer >= 1 (default: 256)")
+    d.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help=">= 0; 0 is greedy (default: 0)")
+    d.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling, in (0, 1]; 1 is off (default: 1)")
+    d.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="integer >= 0; 0 is off (default: 0)")
+    d.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="integer >= 0; makes sampling reproducible (default: random)")
+    d.add_argument("--block-length", type=int, default=None, metavar="N",
+                   help="diffusion block / linear_spec draft window, integer >= 1 "
+                   "(default: the checkpoint's block_size)")
+    d.add_argument("--threshold", type=threshold_arg, default=DEFAULT, metavar="X|none",
+                   help="in [0, 1]. diffusion: unmask every slot whose confidence reaches X "
+                   f"(at least one per pass; default {DIFFUSION_THRESHOLD}), 'none' for the even "
+                   "schedule; linear_spec: draft confidence threshold (default 0: draft the "
+                   "whole block in one pass); ignored by ar")
+    d.add_argument("--draft-segments", type=segments_arg, default=1, metavar="M|all",
+                   help="quadratic_spec: keep draft segments for only the M acceptance outcomes "
+                   "nearest the last one, integer >= 1, or 'all' for the full layout "
+                   "(block_length^2 extra tokens per forward) (default: 1)")
+    o = common.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print one JSON object per answer: "
+                   "text, token_ids, finish_reason, mode, metrics")
+    o.add_argument("--visual", action="store_true", help="live view of the block being denoised "
+                   f"or drafted (masks shown as {MASK_GLYPH})")
+    parser = Parser(prog="trimode", description="Generate with a tri-mode diffusion LM "
+                    "in ar, diffusion, linear_spec or quadratic_spec mode.", epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{generate,chat,serve,bench,train}")
+    gen = sub.add_parser("generate", parents=[common], help="answer one prompt",
+                         description="Answer one prompt and print the text (stdout); a metrics "
+                         "summary goes to stderr.")
+    gen.add_argument("--raw", action="store_true",
+                     help="send PROMPT as is, without the chat template")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image shown before PROMPT (NLD-VLM checkpoints); repeat for more")
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
+    sub.add_parser("chat", parents=[common], help="interactive multi-turn chat",
+                   description="Multi-turn chat reading one user turn per stdin line. "
+                   "/reset clears the history, /exit or end of input quits. Exits 2 if a "
+                   "turn failed.")
+    add_serve_parser(sub, threshold_arg)
+    from ...bench.cli import add_parser as add_bench
+
+    add_bench(sub)
+    from ...training.cli import add_train_parser
+
+    add_train_parser(sub, Parser)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from ..server.cli import serve
+
+        return serve(args)
+    if args.command == "bench":
+        from ...bench.cli import run as bench
+
+        return bench(args)
+    if args.command == "train":
+        from ...training.cli import run_train
+
+        return run_train(args)
+    params = sampling_params(args)
+    stderr = Console(stderr=True, highlight=False)
+    prompt = None
+    if args.command == "generate":
+        prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
+        if not prompt.strip():
+            raise UsageError("PROMPT must not be empty")
+        if args.image and args.raw:
+            raise UsageError("--image needs the chat template; drop --raw")
+    llm = load(args, stderr)
+    if args.command == "chat":
+        return chat_loop(llm, params, args, stderr)
+    if not args.raw:
+        if not llm.tokenizer.has_chat_template:
+            raise UsageError("this checkpoint has no chat template; add --raw")
+        images = [{"type": "image_url", "image_url": {"url": p}} for p in args.image]
+        prompt = [{"role": "user", "content": images + [{"type": "text", "text": prompt}]
+                   if images else prompt}]
+    run_one(llm, prompt, params, args, stderr, raw=args.raw)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: exit 0 on success, 2 on a usage, input or checkpoint error (one line on
+    stderr), 130 on Ctrl-C, 1 on an unexpected failure (set TRIMODE_DEBUG=1 for the traceback)."""
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        code = 130
+    except BrokenPipeError:  # e.g. `| head`: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 1
+    except (ValueError, OSError, ImportError) as exc:  # CheckpointError is a ValueError
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        code = 2
+    except Exception as exc:
+        if os.environ.get("TRIMODE_DEBUG"):
+            raise
+        print(f"error: internal error: {type(exc).__name__}: {one_line(exc)} "
+              "(set TRIMODE_DEBUG=1 for the traceback)", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

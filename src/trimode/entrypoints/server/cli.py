@@ -1,0 +1,168 @@
+"""``trimode serve``: its flags, and the start-up (load the model, start the engine, run
+uvicorn). Imports nothing from the server's dependencies until the command runs, so the
+other subcommands work without them. Bad flags fail before the model loads, in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ...params import MODES
+
+FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
+         "top_k": "--top-k", "top_p": "--top-p", "block_length": "--block-length",
+         "threshold": "--threshold"}
+
+
+def add_serve_parser(sub, threshold_arg) -> None:
+    """The ``serve`` subparser; ``threshold_arg`` parses --threshold as the CLI does."""
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                       description="Serve the model over HTTP: /v1/completions, "
+                       "/v1/chat/completions, /v1/models, /health, /metrics. Requests choose "
+                       "mode, block_length, threshold and top_k in the body (extra_body in "
+                       "OpenAI clients); these flags set the defaults for fields they omit.")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
+                   "hub id (default: the embedded SmolLM2-135M-Instruct)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
+                   help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
+                   "exactly as int4; auto: follow the GGUF file's type; default: none)")
+    m.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--draft-adapter", metavar="PATH", default=None,
+                   help="PEFT LoRA directory for draft passes (and diffusion denoising when the adapter "
+                   "is marked for it); default: the shipped adapter for the embedded model")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model id clients send (default: the checkpoint's directory name)")
+    s.add_argument("--max-batch-size", type=int, default=16, metavar="N",
+                   help="requests decoded together, integer >= 1 (default: 16)")
+    s.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="context limit in tokens, prompt + generation (default: the "
+                   "checkpoint's max_position_embeddings, capped at 4096)")
+    s.add_argument("--auto-parallel-mode", choices=["diffusion", "linear_spec", "quadratic_spec"],
+                   default=None, help="mode 'auto' uses this parallel mode at low load "
+                   "(default: the model's measured policy, see README 'mode auto')")
+    s.add_argument("--auto-max-parallel-batch", type=int, default=None, metavar="N",
+                   help="mode 'auto' uses the parallel mode while running + queued requests "
+                   "<= N, ar beyond; 0: always ar")
+    s.add_argument("--auto-crossover", default=None, metavar="PATH",
+                   help="take the auto policy from a crossover.json written by `trimode bench`")
+    s.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    d = p.add_argument_group("request defaults (used when a request omits the field)")
+    d.add_argument("--mode", choices=MODES, default="auto",
+                   help="auto picks a mode per request from the load (default: auto)")
+    d.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                   help="generated-token limit, integer >= 1 (default: 256)")
+    d.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help=">= 0; 0 is greedy (default: 1, as OpenAI)")
+    d.add_argument("--top-p", type=float, default=1.0, metavar="P", help="in (0, 1] (default: 1)")
+    d.add_argument("--top-k", type=int, default=0, metavar="K", help=">= 0; 0 is off (default: 0)")
+    d.add_argument("--block-length", type=int, default=None, metavar="N",
+                   help="diffusion block / draft window, integer >= 1 (default: the "
+                   "checkpoint's block_size)")
+    d.add_argument("--threshold", type=threshold_arg, default=None, metavar="X",
+                   help="in [0, 1] (default: 0.9 for diffusion, 0 for the speculative modes)")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load, start the engine, serve until interrupted. Raises UsageError for bad flags."""
+    from ..cli.common import UsageError
+
+    server_config(args, None)  # bad defaults fail before the model loads
+    if args.max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be an integer >= 1; got {args.max_batch_size}")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise UsageError(f"--max-model-len must be an integer >= 1; got {args.max_model_len}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535]; got {args.port}")
+    auto = auto_policy(args)
+    import uvicorn
+
+    from ... import LLM
+    from ...engine import AsyncEngine
+    from .app import build_app
+
+    model = args.model
+    if model is None:
+        from ...checkpoint.embedded import default_model_dir, shipped_adapter
+
+        model = default_model_dir(progress=False)
+        if args.draft_adapter is None:
+            args.draft_adapter = shipped_adapter()  # as LLM() does for the embedded model
+        if auto is None:
+            from ...checkpoint.embedded import default_auto_policy
+
+            auto = default_auto_policy()
+    llm = LLM(model, dtype=args.dtype, device=args.device, quantization=args.quantization, draft_adapter=args.draft_adapter,
+              max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+              progress=False, auto=auto)
+    engine = AsyncEngine(llm)
+    try:
+        app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
+                        server_config(args, llm, model), vision=llm.config.vision)
+        # Open streams are cancelled (and their engine requests aborted) after 5 s of a
+        # graceful shutdown instead of keeping the process alive until they finish.
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def auto_policy(args: argparse.Namespace):
+    """The AutoPolicy the --auto-* flags ask for, or None (the LLM's default). Raises
+    UsageError for bad values."""
+    from ..cli.common import UsageError
+    from ...engine import AutoPolicy
+
+    if args.auto_crossover is not None:
+        if args.auto_parallel_mode is not None or args.auto_max_parallel_batch is not None:
+            raise UsageError("--auto-crossover replaces --auto-parallel-mode and "
+                             "--auto-max-parallel-batch; give one or the other")
+        try:
+            return AutoPolicy.from_crossover(args.auto_crossover)
+        except ValueError as exc:
+            raise UsageError(f"--auto-crossover: {exc}") from None
+    if args.auto_parallel_mode is None and args.auto_max_parallel_batch is None:
+        return None
+    if args.auto_max_parallel_batch is not None and args.auto_max_parallel_batch < 0:
+        raise UsageError("--auto-max-parallel-batch must be an integer >= 0; got "
+                         f"{args.auto_max_parallel_batch}")
+    default = AutoPolicy()
+    return AutoPolicy(args.auto_parallel_mode or default.parallel_mode,
+                      default.max_parallel_batch if args.auto_max_parallel_batch is None
+                      else args.auto_max_parallel_batch)
+
+
+def server_config(args: argparse.Namespace, llm, model=None):
+    """The request defaults from the flags, checked through SamplingParams (UsageError
+    naming the flag). With ``llm``, the full ServerConfig."""
+    from ..cli.common import UsageError
+    from ...params import SamplingParams
+
+    try:
+        SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                       block_length=args.block_length,
+                       threshold=None if args.mode == "quadratic_spec" else args.threshold)
+    except ValueError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise UsageError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(exc)) from None
+    if llm is None:
+        return None
+    from pathlib import Path
+
+    from .app import ServerConfig
+
+    name = args.served_model_name or Path(str(model)).name
+    limit = llm.engine.max_model_len
+    return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
+                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        block_length=args.block_length, threshold=args.threshold,
+                        max_model_len=limit)

@@ -1,0 +1,131 @@
+"""One HTTP request's choices run on the engine: committed tokens in, final text events out.
+
+``run_choice`` drives one engine request and turns its updates into ``ChoiceEvent``s through a
+``TextStream`` (stop strings, whole characters). On a stop-string match it aborts the engine
+request (finish_reason ``"stop"``); when the consumer goes away (client disconnect,
+cancellation, error) it aborts it too, so its KV is freed within one engine step. ``merge``
+runs several choices concurrently and yields their events as they come. Knows nothing about
+HTTP or the OpenAI formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from .text import TextStream
+
+log = logging.getLogger("trimode.server")
+
+
+@dataclass
+class Job:
+    """One choice: an engine request. ``index`` is the choice index in the response."""
+
+    index: int
+    prompt_ids: list[int]
+    params: object  # SamplingParams
+    request_id: str
+    stop: list[str] = field(default_factory=list)
+    images: list | None = None  # ImageInputs filling the prompt's image pads (NLD-VLM)
+
+
+@dataclass
+class ChoiceEvent:
+    """Final output of one choice since its previous event.
+
+    token_ids / logprobs: tokens consumed by this event (logprobs aligned, or None).
+    finish_reason: set on the choice's last event only; mode, metrics: from the engine.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list | None
+    finish_reason: str | None
+    mode: str | None
+    metrics: object | None
+
+
+async def run_choice(engine, job: Job, decode) -> AsyncIterator[ChoiceEvent]:
+    """Events of one choice, the last one with a finish_reason. ``decode(ids) -> str``."""
+    stream = TextStream(decode, job.stop)
+    extra = {"images": job.images} if job.images else {}
+    updates = engine.generate(job.prompt_ids, job.params, job.request_id, **extra)
+    engine_done = False
+    try:
+        async for upd in updates:
+            engine_done = bool(upd.finished)
+            if upd.finish_reason == "error":  # the engine failed this request only
+                raise RuntimeError(getattr(upd, "error", None) or "the engine failed the request")
+            ids, lps = [], [] if upd.new_logprobs is not None else None
+            for k, token in enumerate(upd.new_token_ids):
+                ids.append(token)
+                if lps is not None:
+                    lps.append(upd.new_logprobs[k])
+                if stream.add(token):
+                    break
+            reason = "stop" if stream.stopped else upd.finish_reason if upd.finished else None
+            if upd.finished and not stream.stopped:
+                stream.close()
+            event = ChoiceEvent(job.index, stream.take(), ids, lps, reason, upd.mode, upd.metrics)
+            if reason is not None:
+                yield event
+                return
+            if event.text or ids:
+                yield event
+        raise RuntimeError(f"engine request {job.request_id} ended without a finish_reason")
+    finally:
+        if not engine_done:
+            abort(engine, job.request_id)
+        await updates.aclose()
+
+
+def abort(engine, request_id: str) -> None:
+    try:
+        engine.abort(request_id)
+    except Exception:  # already finished or unknown: nothing left to free
+        log.debug("abort %s failed", request_id, exc_info=True)
+
+
+_DONE = object()
+
+
+async def merge(streams: list[AsyncIterator[ChoiceEvent]]) -> AsyncIterator[ChoiceEvent]:
+    """Events of several choices as they come; cancels (and so aborts) the rest on exit."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                queue.put_nowait(item)
+        except Exception as exc:  # noqa: BLE001  (re-raised by the consumer)
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_DONE)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnect(receive) -> None:
+    """Return when the ASGI client disconnects (the request body is already read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,43 @@
+"""Per-row KV cache with per-row lengths (``KVCache``).
+
+Each row of the batch owns a slice of preallocated key/value buffers and a length. A forward
+writes its keys/values at ``length .. length + T - 1`` of each row; the row's length advances
+only when the caller asks to *write* (commit). A read-only forward (diffusion denoising, draft)
+therefore leaves the cache exactly as it was, and cropping (self-speculation rollback) is a
+length update. docs/spec.md sections 2.1, 2.2 and 9.3. The engine's slot allocation over one
+cache is ``engine/kv_pool.py``; the per-forward positions and mask are ``attention.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys/values ``[layers][rows, kv_heads, capacity, head_dim]`` and ``lengths`` ``[rows]``."""
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu", zeroed: bool = True):
+        shape = (rows, kv_heads, capacity, head_dim)
+        make = torch.zeros if zeroed else torch.empty  # empty: pages untouched until used
+        self.keys = [make(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [make(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.zeroed = zeroed
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.capacity = capacity
+
+    @property
+    def rows(self) -> int:
+        return self.lengths.shape[0]
+
+    def crop(self, lengths: torch.Tensor) -> None:
+        """Roll rows back to ``lengths`` ``[rows]``; raises ValueError if any would grow."""
+        if bool((lengths > self.lengths).any()) or bool((lengths < 0).any()):
+            raise ValueError(f"crop lengths {lengths.tolist()} must lie in [0, {self.lengths.tolist()}]")
+        self.lengths = lengths.to(self.lengths).clone()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (int64 indices), in that order (drops finished requests)."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.lengths = self.lengths.index_select(0, rows)
