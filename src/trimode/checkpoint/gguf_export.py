@@ -68,6 +68,16 @@ def _add_tensor(writer, name: str, array: np.ndarray, outtype: str) -> None:
         writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
 
 
+def gguf_key(name: str) -> str:
+    import gguf
+
+    return getattr(gguf.Keys.Tokenizer, name)
+
+
+def _has(writer, key: str) -> bool:
+    return any(key in shard for shard in writer.kv_data)
+
+
 def _add_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> None:
     from gguf.vocab import BpeVocab, SpecialVocab
 
@@ -89,7 +99,7 @@ def _add_tokenizer(writer, directory: Path, vocab_size: int, pre: str) -> None:
     writer.add_token_types(types)
     SpecialVocab(directory, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
     jinja = directory / "chat_template.jinja"
-    if jinja.exists():
+    if jinja.exists() and not _has(writer, gguf_key("CHAT_TEMPLATE")):
         writer.add_chat_template(jinja.read_text())
 
 
@@ -144,11 +154,11 @@ def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, outtype
         w.add_string("trimode.rope", json.dumps(dataclasses.asdict(c.rope)))
         w.add_float64("trimode.rms_norm_eps", c.rms_norm_eps)
     _add_tokenizer(w, Path(ckpt.directory), c.vocab_size, tokenizer_pre or "default")
-    if c.mask_token_id is not None:
+    if c.mask_token_id is not None and not _has(w, gguf_key("MASK_ID")):
         w.add_mask_token_id(c.mask_token_id)
-    if c.bos_token_id is not None:
+    if c.bos_token_id is not None and not _has(w, gguf_key("BOS_ID")):
         w.add_bos_token_id(c.bos_token_id)
-    if c.eos_token_ids:
+    if c.eos_token_ids and not _has(w, gguf_key("EOS_ID")):
         w.add_eos_token_id(c.eos_token_ids[0])
     state = net.state_dict()
     if c.tie_word_embeddings:

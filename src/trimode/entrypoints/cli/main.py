@@ -113,6 +113,9 @@ def build_parser() -> Parser:
     from ...training.cli import add_train_parser
 
     add_train_parser(sub, Parser)
+    from .convert import add_convert_parser
+
+    add_convert_parser(sub, Parser)
     return parser
 
 
@@ -130,6 +133,10 @@ def _main(argv: list[str] | None) -> int:
         from ...training.cli import run_train
 
         return run_train(args)
+    if args.command == "convert":
+        from .convert import run_convert
+
+        return run_convert(args)
     params = sampling_params(args)
     stderr = Console(stderr=True, highlight=False)
     prompt = None
