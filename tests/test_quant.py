@@ -179,3 +179,15 @@ def test_unreadable_gguf_type_names_tensor_and_type(tmp_path):
 def test_bad_quantization_value():
     with pytest.raises(ValueError, match="quantization must be one of"):
         LLM("unused", quantization="int3")
+
+
+@pytest.mark.parametrize("flags,want", [({"avx2", "fma"}, torch.float32),
+                                        ({"avx512f", "avx512_bf16"}, torch.bfloat16),
+                                        ({"amx_tile", "amx_bf16"}, torch.bfloat16)])
+def test_preferred_dtype_follows_the_cpu_flags(monkeypatch, flags, want):
+    from trimode.quant import cpu
+
+    monkeypatch.setattr(cpu, "cpu_info", lambda: {"model": "test", "flags": flags,
+                                                   "capability": "AVX2", "cores": 2})
+    assert cpu.preferred_dtype() == want
+    assert "test" in cpu.describe()

@@ -31,7 +31,8 @@ class LLM:
 
     model: a checkpoint directory, a ``.gguf`` file, a hub id in the local cache, or None
         for the embedded SmolLM2-135M-Instruct (converted on first use).
-    dtype / device: default fp32 on CPU, bf16 on CUDA.
+    dtype / device: default fp32 on CPU, bf16 on CUDA; dtype "auto": bf16 on CPUs with AMX or
+        AVX512-BF16, else fp32 (detected at run time).
     draft_adapter: a PEFT adapter directory, switched on for draft passes (linear_spec,
         quadratic_spec draft tokens) and, if it is marked so, diffusion denoising passes.
         None: the model's default (the shipped tri-mode adapter for the embedded model,
@@ -286,7 +287,11 @@ def _per_prompt(params, n: int) -> list[SamplingParams]:
 
 
 def _parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    if name == "auto":  # per CPU, detected at run time (trimode.quant.cpu)
+        from ..quant.cpu import preferred_dtype
+
+        return preferred_dtype()
+    table = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
         raise ValueError(f"dtype must be one of {', '.join(table)}; got {name!r}")

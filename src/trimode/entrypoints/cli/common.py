@@ -55,7 +55,7 @@ def load(args: argparse.Namespace, stderr: Console):
             model = default_model_dir(progress=stderr.is_terminal)
         try:
             with stderr.status(f"Loading {model}"):
-                return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                return LLM(args.model, dtype=args.dtype, device=args.device, quantization=getattr(args, "quantization", None),
                            draft_adapter=args.draft_adapter, progress=False)
         except CheckpointError as exc:
             raise UsageError(f"{_culprit(exc)}: {exc}") from None

@@ -45,8 +45,9 @@ def build_parser() -> Parser:
     m = common.add_argument_group("model")
     m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
                    "hub id (default: the embedded SmolLM2-135M-Instruct, converted on first use)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: bfloat16 "
+                   "on CPUs with AMX or AVX512-BF16, else float32)")
     m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
                    help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
                    "exactly as int4; auto: follow the GGUF file's type; default: none)")

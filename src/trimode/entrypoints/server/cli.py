@@ -24,8 +24,9 @@ def add_serve_parser(sub, threshold_arg) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
                    "hub id (default: the embedded SmolLM2-135M-Instruct)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: bfloat16 "
+                   "on CPUs with AMX or AVX512-BF16, else float32)")
     m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
                    help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
                    "exactly as int4; auto: follow the GGUF file's type; default: none)")
@@ -99,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
             from ...checkpoint.embedded import default_auto_policy
 
             auto = default_auto_policy()
-    llm = LLM(model, dtype=args.dtype, device=args.device, quantization=args.quantization, draft_adapter=args.draft_adapter,
+    llm = LLM(model, dtype=args.dtype, device=args.device, quantization=getattr(args, "quantization", None), draft_adapter=args.draft_adapter,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
               progress=False, auto=auto)
     engine = AsyncEngine(llm)
