@@ -73,15 +73,17 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict[str, float]:
 def trimode_rates(llm, prompts, max_tokens: int) -> dict[str, float]:
     from trimode import SamplingParams
 
-    rates = {}
+    rates, ids = {}, {}
     for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
         params = SamplingParams(mode=mode, max_tokens=max_tokens, temperature=0,
                                 **({"block_length": 8} if mode != "ar" else {}))
-        start, tokens = time.perf_counter(), 0
+        start, tokens, ids[mode] = time.perf_counter(), 0, []
         for p in prompts:  # batch 1
             out = llm.chat([[{"role": "user", "content": p}]], params)[0]
             tokens += out.metrics.generated_tokens
+            ids[mode].append(out.token_ids)
         rates[mode] = tokens / (time.perf_counter() - start)
+        rates[mode + " identical to ar"] = sum(a == b for a, b in zip(ids[mode], ids["ar"]))
     return rates
 
 
@@ -133,7 +135,9 @@ def main() -> None:
             lines.append(f"| llama.cpp | {k} | {med(peer, k):.1f} | {med(peer, k) / tg:.2f}x |")
     for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
         v = med(ours, mode)
-        lines.append(f"| trimode | {mode} (block 8) | {v:.1f} | " + (f"{v / tg:.2f}x |" if tg else "– |"))
+        same = f"{ours[-1][mode + ' identical to ar']}/{len(prompts)} identical to ar"
+        lines.append(f"| trimode | {mode} (block 8; {same}) | {v:.1f} | "
+                     + (f"{v / tg:.2f}x |" if tg else "– |"))
     lines.append("")
     lines.append(f"Command: `python benchmarks/bench_llamacpp.py {' '.join(sys.argv[1:])}`".rstrip())
     print("\n".join(lines))
