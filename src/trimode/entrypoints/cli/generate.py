@@ -10,30 +10,26 @@ import sys
 from rich.console import Console
 from rich.text import Text
 
-from ...params import SamplingParams
-from .common import UsageError, one_line
+from ...defaults import THRESHOLD
+from ...params import MODE_DEFAULT, SamplingParams
+from .common import UsageError, flag_error, one_line
 from .visual import LiveView
 
-DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
-DEFAULT = object()  # --threshold not given: the mode's own default
-FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
-         "block_length": "--block-length", "threshold": "--threshold",
-         "draft_segments": "--draft-segments"}
+DIFFUSION_THRESHOLD = THRESHOLD["diffusion"]  # shown in --help
+DEFAULT = MODE_DEFAULT  # --threshold not given: the mode's own default (defaults.THRESHOLD)
+FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "seed", "block_length",
+         "threshold", "draft_segments")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    threshold = args.threshold
-    if threshold is DEFAULT:
-        threshold = DIFFUSION_THRESHOLD if args.mode == "diffusion" else None
+    """The flags as SamplingParams; UsageError naming the flag for a bad value."""
     try:
         return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, block_length=args.block_length, threshold=threshold,
-                              draft_segments=args.draft_segments)
+                              seed=args.seed, block_length=args.block_length,
+                              threshold=args.threshold, draft_segments=args.draft_segments)
     except ValueError as exc:
-        field, _, rest = str(exc).partition(" ")
-        raise UsageError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(exc)) from None
+        raise flag_error(exc, FLAGS) from None
 
 
 def summary(out, mode: str) -> str:

@@ -4,7 +4,7 @@ Follows the OpenAI API reference for ``/v1/completions`` and ``/v1/chat/completi
 trimode's extras at the top level of the body (``mode``, ``block_length``, ``threshold``,
 ``top_k``), which OpenAI clients send through ``extra_body``. Ranges live in the schema, so the
 OpenAPI document states them and a violation is reported before anything runs; NaN and
-infinity are rejected for every number (B25). Unknown fields are ignored, as in vLLM.
+infinity are rejected for every number (docs/cases.md B25). Unknown fields are ignored, as in vLLM.
 Knows nothing about the engine.
 """
 
@@ -14,8 +14,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-SERVER_MODES = ("auto", "ar", "diffusion", "linear_spec", "quadratic_spec")
-Mode = Literal["auto", "ar", "diffusion", "linear_spec", "quadratic_spec"]
+from ...defaults import AUTO, DECODING_MODES
+
+SERVER_MODES = (AUTO,) + DECODING_MODES
+Mode = Literal[SERVER_MODES]  # type: ignore[valid-type]
 MAX_N = 64  # choices per request: each is an engine request holding KV
 MAX_TOP_LOGPROBS = 20
 MAX_BLOCK_LENGTH = 1024
@@ -24,6 +26,8 @@ MAX_STOP = 16
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    trimode_events: StrictBool = Field(False, description="trimode: one extra chunk per model "
+                                       "forward (object trimode.forward; README 'Live events')")
 
 
 class _Sampling(BaseModel):
