@@ -2,10 +2,11 @@
 
 Parses flags into a validated SamplingParams before any model is loaded, so a bad flag
 fails in well under a second with one line ``error: ...`` (exit 2), never a traceback
-(B25). stdout carries only the answer (or one JSON object per answer with ``--json``);
-loading, the metrics summary and the ``--visual`` live view go to stderr, or the live view
-to a terminal stdout, where it is cleared before the answer is printed. Knows nothing about
-decoding beyond ``LLM`` and the ``on_step`` hook.
+(B25). stdout carries only the answer, printed as it is committed (or one JSON object per
+answer with ``--json``); loading, the metrics summary and the ``--visual`` live view go to
+stderr, or the live view to a terminal stdout. A subcommand whose optional extra is missing
+names the pip command before doing any work (``extras.require``). The generate / chat bodies
+are in ``cli_generate``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ from contextlib import redirect_stdout
 from rich.console import Console
 from rich.text import Text
 
+from .cli_generate import Interrupted, chat_loop, decode_input, run_one, summary, user_text
+from .extras import require
 from .params import MODES, SamplingParams
 from .server.cli import add_serve_parser
 from .visual import MASK_GLYPH, LiveView
+
+__all__ = ["main", "build_parser", "sampling_params", "load", "run_one", "chat_loop", "summary",
+           "UsageError", "LiveView", "MASK_GLYPH"]
 
 DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
 DEFAULT = object()  # --threshold not given: the mode's own default
@@ -129,8 +135,9 @@ def build_parser() -> Parser:
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
     sub.add_parser("chat", parents=[common], help="interactive multi-turn chat",
                    description="Multi-turn chat reading one user turn per stdin line. "
-                   "/reset clears the history, /exit or end of input quits. Exits 2 if a "
-                   "turn failed.")
+                   "Commands (a line of one word starting with '/'): /help lists them, /reset "
+                   "clears the history, /exit (or end of input) quits; any other such word is "
+                   "refused, not sent. Exits 2 if a turn failed.")
     add_serve_parser(sub, threshold_arg)
     from .bench.cli import add_parser as add_bench
 
@@ -151,8 +158,16 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                               seed=args.seed, block_length=args.block_length, threshold=threshold,
                               draft_segments=args.draft_segments)
     except ValueError as exc:
-        field, _, rest = str(exc).partition(" ")
-        raise UsageError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(exc)) from None
+        raise UsageError(flag_message(exc)) from None
+
+
+def flag_message(exc: ValueError) -> str:
+    """A SamplingParams error in the command line's words: the flag for the field, 'none'
+    for None."""
+    field, _, rest = str(exc).partition(" ")
+    if field not in FLAGS:
+        return str(exc)
+    return f"{FLAGS[field]} " + rest.replace(" or None", " or 'none'")
 
 
 def load(args: argparse.Namespace, stderr: Console):
@@ -188,85 +203,6 @@ def _culprit(exc: BaseException) -> str:
     return "--model"
 
 
-def summary(out, mode: str) -> str:
-    m = out.metrics
-    acc = f"{m.acceptance_length:.2f}" if m.acceptance_length is not None else "–"
-    stop = " + 1 stop token" if m.generated_tokens > len(out.token_ids) else ""
-    return (f"{mode} · {len(out.token_ids)} tokens{stop} ({out.finish_reason}) · nfe {m.nfe} · "
-            f"{m.tokens_per_forward:.2f} tokens/forward · acceptance_length {acc} · "
-            f"latency {m.latency_s:.2f} s")
-
-
-def run_one(llm, prompt, params: SamplingParams, args, stderr: Console, raw: bool = False):
-    """Decode one prompt (a string with ``raw``, else a conversation), print the answer."""
-    call = llm.generate if raw else llm.chat
-    if args.visual:
-        console = Console() if sys.stdout.isatty() else stderr
-        with LiveView(llm, console) as view:
-            out = call(prompt, params, on_step=view)[0]
-    else:
-        out = call(prompt, params)[0]
-    if args.json:
-        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
-                          "finish_reason": out.finish_reason, "mode": params.mode,
-                          "metrics": out.metrics.to_dict()}, ensure_ascii=False), flush=True)
-    else:
-        print(out.text, flush=True)
-        stderr.print(Text(summary(out, params.mode), style="dim"), soft_wrap=True)
-    return out
-
-
-def read_turn(interactive: bool) -> str:
-    """One stdin line; the "> " prompt only for a person at a terminal (on stderr when
-    stdout is redirected, so stdout keeps only answers)."""
-    if interactive and sys.stdout.isatty():
-        return input("> ")
-    if interactive:
-        sys.stderr.write("> ")
-        sys.stderr.flush()
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line
-
-
-def chat_loop(llm, params: SamplingParams, args, stderr: Console) -> int:
-    if not llm.tokenizer.has_chat_template:
-        raise UsageError("this checkpoint has no chat template; use 'trimode generate --raw'")
-    interactive = sys.stdin.isatty()
-    if interactive:
-        try:
-            import readline  # noqa: F401  (line editing for input())
-        except ImportError:
-            pass
-    history: list[dict] = []
-    failed = False
-    while True:
-        try:
-            line = read_turn(interactive).strip()
-        except EOFError:
-            if interactive:
-                sys.stderr.write("\n")
-            break
-        if line == "/exit":
-            break
-        if line == "/reset":
-            history.clear()
-            stderr.print(Text("(history cleared)", style="dim"))
-            continue
-        if not line:
-            continue
-        turn = history + [{"role": "user", "content": line}]
-        try:
-            out = run_one(llm, turn, params, args, stderr)
-        except ValueError as exc:  # e.g. the context limit: report, keep the session
-            stderr.print(Text(f"error: {one_line(exc)}"))
-            failed = True
-            continue
-        history = turn + [{"role": "assistant", "content": out.text}]
-    return 2 if failed else 0
-
-
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split("\n")).strip() or type(exc).__name__
 
@@ -274,6 +210,7 @@ def one_line(exc: BaseException) -> str:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        require("serve", "fastapi", "uvicorn", "prometheus_client")
         from .server.cli import serve
 
         return serve(args)
@@ -282,6 +219,7 @@ def _main(argv: list[str] | None) -> int:
 
         return bench(args)
     if args.command == "train":
+        require("train", "peft")
         from .training.cli import run_train
 
         return run_train(args)
@@ -289,11 +227,16 @@ def _main(argv: list[str] | None) -> int:
     stderr = Console(stderr=True, highlight=False)
     prompt = None
     if args.command == "generate":
-        prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
+        if args.prompt == "-":
+            prompt = decode_input(sys.stdin.buffer.read(), "PROMPT (stdin)").rstrip("\n")
+        else:
+            prompt = user_text(args.prompt, "PROMPT")
         if not prompt.strip():
             raise UsageError("PROMPT must not be empty")
     llm = load(args, stderr)
     if args.command == "chat":
+        if not llm.tokenizer.has_chat_template:
+            raise UsageError("this checkpoint has no chat template; use 'trimode generate --raw'")
         return chat_loop(llm, params, args, stderr)
     if not args.raw:
         if not llm.tokenizer.has_chat_template:
@@ -308,8 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     stderr), 130 on Ctrl-C, 1 on an unexpected failure (set TRIMODE_DEBUG=1 for the traceback)."""
     try:
         code = _main(argv)
-    except KeyboardInterrupt:
-        sys.stderr.write("\n")
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # Interrupted has said so already
+            sys.stderr.write("\n")
         code = 130
     except BrokenPipeError:  # e.g. `| head`: stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -41,7 +41,7 @@ from .decoding.loop import forward_rows
 from .decoding.modes import STRATEGIES, scratch_slots
 from .decoding.sequence import Sequence, Step
 from .outputs import RequestMetrics, RequestOutput, TokenLogprob
-from .params import SamplingParams
+from .params import ParamError, SamplingParams
 
 log = logging.getLogger("trimode.engine")
 
@@ -434,7 +434,8 @@ class Engine:
                     block: int | None = None) -> None:
         mc = self.model.config
         if params.mode != "ar" and mc.mask_token_id is None:
-            raise ValueError(f"mode {params.mode!r} needs a mask_token_id in the checkpoint config")
+            raise ParamError(f"mode {params.mode!r} needs a mask_token_id in the checkpoint "
+                             "config", "mode")
         block = block or params.block_length or mc.block_size
         generated = params.max_tokens
         if params.mode == "diffusion":  # the last block is denoised at full length (B04, B27)
@@ -442,22 +443,29 @@ class Engine:
         rounding = " after block rounding" if generated != params.max_tokens else ""
         limit = mc.max_position_embeddings
         total = len(prompt_ids) + generated
+        # the field to change: max_tokens, unless the prompt alone leaves no room
+        field = "prompt" if len(prompt_ids) >= min(self.max_model_len, limit) else "max_tokens"
+        if params.mode == "diffusion" and field == "max_tokens" and rounding:
+            field = "block_length" if len(prompt_ids) + params.max_tokens <= self.max_model_len \
+                else field
         # the tighter limit is the one named (max_model_len <= the checkpoint's limit)
         if total > self.max_model_len and (not self.check_context or self.max_model_len < limit):
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
-                             f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}",
+                             field)
         if self.check_context and total > limit:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
-                             f"{rounding}) = {total} exceeds the context limit {limit}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds the context limit {limit}", field)
         scratch = scratch_slots(params.mode, block, params.max_tokens, params.draft_segments)
         if scratch > self.config.scratch_tokens:
-            raise ValueError(f"{params.mode} with block_length {block} needs {scratch} scratch "
+            raise ParamError(f"{params.mode} with block_length {block} needs {scratch} scratch "
                              f"positions per forward; the engine reserves scratch_tokens "
                              f"{self.config.scratch_tokens} (use a smaller block_length"
-                             f"{' or draft_segments' if params.mode == 'quadratic_spec' else ''})")
+                             f"{' or draft_segments' if params.mode == 'quadratic_spec' else ''})",
+                             "block_length")
         if len(prompt_ids) > self.config.max_num_batched_tokens:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) exceeds max_num_batched_tokens "
-                             f"{self.config.max_num_batched_tokens}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) exceeds max_num_batched_tokens "
+                             f"{self.config.max_num_batched_tokens}", "prompt")
 
     def _sequence(self, prompt_ids: list[int], params: SamplingParams,
                   like: Sequence | None = None) -> Sequence:

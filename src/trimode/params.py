@@ -13,6 +13,15 @@ MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
 MAX_LOGPROBS = 20
 
 
+class ParamError(ValueError):
+    """A request that cannot run, with ``field``: the one input the caller should change
+    (e.g. ``max_tokens`` when prompt + max_tokens is over the context limit)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded.
