@@ -239,8 +239,13 @@ def _check(fn, field: str | None):
 def _describe(errors) -> tuple[int, str, str | None]:
     """(status, message, param) for pydantic errors: 422 when every error is about the
     body's shape or types, else 400 (a value out of range, NaN, an unknown mode)."""
-    schema = all(e["type"] in SCHEMA_ERRORS or e["type"].endswith(("_type", "_parsing"))
-                 for e in errors)
+    def is_schema(e) -> bool:
+        return e["type"] in SCHEMA_ERRORS or e["type"].endswith(("_type", "_parsing"))
+
+    schema = all(is_schema(e) for e in errors)
+    # a value error inside a union member that matched (a text part's text) says more than
+    # the other members' type errors
+    errors = sorted(errors, key=is_schema)
     first = errors[0]
     if first["type"] == "json_invalid":
         return 422, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
