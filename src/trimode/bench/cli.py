@@ -117,7 +117,12 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.per_category < 1:
         raise UsageError(f"--per-category must be an integer >= 1; got {args.per_category}")
-    items = datasets.load(args.dataset, args.per_category)
+    try:
+        items = datasets.load(args.dataset, args.per_category)
+    except (OSError, ValueError) as exc:  # a missing or malformed file: name the flag
+        detail = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror \
+            else str(exc)
+        raise UsageError(f"--dataset {detail}") from None
     stderr = Console(stderr=True, highlight=False)
     llm = load(args, stderr)
     if any(m != "ar" for m in config.modes) and llm.config.mask_token_id is None:
