@@ -5,10 +5,11 @@ One set of weights decodes in three modes switched by the attention pattern: ``a
 """
 
 from .config import CheckpointError, ModelConfig
-from .llm import LLM
+from .engine import AsyncEngine, AutoPolicy
+from .llm import LLM, StreamChunk
 from .outputs import ForwardTrace, RequestMetrics, RequestOutput
 from .params import MODES, SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "ForwardTrace",
-           "ModelConfig", "CheckpointError", "MODES"]
+           "StreamChunk", "AutoPolicy", "AsyncEngine", "ModelConfig", "CheckpointError", "MODES"]
 __version__ = "0.1.0"

@@ -86,7 +86,51 @@ class Tokenizer:
         return list(ids)
 
     def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` (special tokens skipped). Bytes that do not form valid UTF-8 (a
+        character cut at the end, or a model's own token sequence that is not UTF-8, as in
+        diffusion) decode to U+FFFD; ``token_bytes`` gives the raw bytes."""
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token: for byte-level BPE (GPT-2 / SmolLM2) and byte-fallback
+        (``<0xNN>``) tokens its exact bytes, even when they are part of a multi-byte
+        character; otherwise the UTF-8 of its decoded text."""
+        piece = self.hf.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str):
+            if self._byte_level:
+                try:
+                    return bytes(_BYTE_OF[ch] for ch in piece)
+                except KeyError:
+                    pass  # an added token written as text
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+        return self.decode([int(token_id)]).encode("utf-8", "surrogatepass")
+
+    @property
+    def _byte_level(self) -> bool:
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        return type(decoder).__name__ == "ByteLevel"
+
+
+def _byte_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are
+    shifted to U+0100 and up (``bytes_to_unicode`` in GPT-2's encoder)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + shift)] = b
+            shift += 1
+    return table
+
+
+_BYTE_OF = _byte_table()
 
 
 def _check_messages(messages: list[dict]) -> None:
