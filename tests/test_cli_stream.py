@@ -173,3 +173,18 @@ def test_train_summary_and_max_model_len_warning(capsys):
     llm = SimpleNamespace(engine=SimpleNamespace(max_model_len=4096))
     assert server_config(flags, llm, "m").max_model_len == 4096
     assert "--max-model-len 100000000" in capsys.readouterr().err
+
+
+def test_bench_plots_need_matplotlib_up_front(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, _, err = run_main(capsys, "bench", "--out", str(tmp_path / "b"))
+    assert code == 2 and 'pip install "trimode[bench]"' in err and "matplotlib" in err
+
+
+def test_python_api_names_the_invalid_text(tiny_llm):
+    with pytest.raises(ValueError, match=r"prompt is not valid Unicode: lone surrogate U\+D800"):
+        tiny_llm.generate("w5 \ud800")
+    with pytest.raises(ValueError, match=r"messages\[1\]\.content is not valid Unicode"):
+        tiny_llm.chat([{"role": "system", "content": "w5"}, {"role": "user", "content": "\udcff"}])
+    with pytest.raises(ValueError, match="prompt is not valid Unicode"):
+        tiny_llm.stream("\ud800")

@@ -111,6 +111,10 @@ def run(args) -> int:
     from . import datasets, report, suite
 
     config = config_from(args)
+    if args.out:  # the plots need matplotlib: say so now, not after the run
+        from ..extras import require
+
+        require("bench", "matplotlib")
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be an integer >= 1; got {args.threads}")
@@ -129,7 +133,7 @@ def run(args) -> int:
         raise UsageError("--modes: this checkpoint has no mask_token_id; only ar can run")
     with stderr.status("benchmarking") as status:
         def log(line: str) -> None:
-            stderr.print(line, style="dim")
+            stderr.print(line, style="dim", soft_wrap=True)
             status.update(line)
 
         result = suite.benchmark(llm, items, config, log)
