@@ -62,7 +62,7 @@ def run(llm, convs, params) -> tuple[list, float]:
 
 def main() -> None:
     from trimode import LLM, SamplingParams
-    from trimode.embedded import shipped_adapter
+    from trimode.checkpoint.embedded import shipped_adapter
     from trimode.training.corpora import eval_prompts, gym_questions, kjv_heldout_text, EVAL_SEED
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -68,7 +68,7 @@ def replay(ids: list[int], start: int, drafts: torch.Tensor, slot1_exact: bool =
 
 def main() -> None:
     from trimode import LLM, SamplingParams
-    from trimode.embedded import shipped_adapter
+    from trimode.checkpoint.embedded import shipped_adapter
     from trimode.training.corpora import eval_prompts
 
     ap = argparse.ArgumentParser(description=__doc__,

@@ -26,9 +26,9 @@ from typing import Callable
 import pytest
 import torch
 
-from trimode.cache import KVCache
-from trimode.config import ModelConfig
-from trimode.decoding.loop import decode
+from trimode.model.kv_cache import KVCache
+from trimode.model.config import ModelConfig
+from trimode.engine.model_runner import decode
 from trimode.decoding.sequence import Sequence
 from trimode.params import SamplingParams
 

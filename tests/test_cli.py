@@ -19,8 +19,8 @@ import pytest
 from rich.console import Console
 
 from trimode import SamplingParams
-from trimode import cli
-from trimode.cli import MASK_GLYPH, LiveView, main
+from trimode.entrypoints.cli import main as cli
+from trimode.entrypoints.cli.main import MASK_GLYPH, LiveView, main
 
 PROMPT = "w5 w6 w7"
 MAX = 12
@@ -28,7 +28,7 @@ MAX = 12
 
 def run_cli(*args: str, stdin: str | None = None, env: dict | None = None):
     environ = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "trimode.cli", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "trimode", *args], input=stdin,
                           capture_output=True, text=True, timeout=300, env=environ)
 
 
@@ -221,7 +221,7 @@ def test_embedded_model_answers(runs):
 def test_summary_counts_the_stop_token_like_the_metrics():
     """The stderr summary and --json agree: a stop token counts in generated_tokens (and
     tokens/forward), so the summary says so next to the returned tokens."""
-    from trimode.cli import summary
+    from trimode.entrypoints.cli.main import summary
     from trimode.outputs import RequestMetrics
 
     stopped = SimpleNamespace(token_ids=[5, 6], finish_reason="stop", mode="ar",

@@ -21,8 +21,8 @@ import pytest
 from rich.console import Console
 
 from trimode import SamplingParams
-from trimode.cli import main
-from trimode.cli_generate import chat_loop, run_one
+from trimode.entrypoints.cli.main import main
+from trimode.entrypoints.cli.generate import chat_loop, run_one
 
 MODES = ["ar", "diffusion", "linear_spec", "quadratic_spec"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -91,7 +91,7 @@ def test_visual_without_a_terminal_says_so(tiny_llm, capsys):
 
 
 def test_ctrl_c_prints_the_partial_answer_and_exits_130(tiny, tiny_llm):
-    cmd = [sys.executable, "-m", "trimode.cli", "generate", "--model", str(tiny[0]), "--raw",
+    cmd = [sys.executable, "-m", "trimode", "generate", "--model", str(tiny[0]), "--raw",
            "--max-tokens", "3000", "w10 w11"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     first = os.read(proc.stdout.fileno(), 1)  # the answer has started to stream
@@ -130,7 +130,7 @@ def test_chat_errors_are_one_line(tiny_llm, monkeypatch):
 
 
 def test_undecodable_prompt_is_exit_2_naming_it(capsys, monkeypatch):
-    done = subprocess.run([sys.executable, "-m", "trimode.cli", "generate", b"caf\xe9 \xff"],
+    done = subprocess.run([sys.executable, "-m", "trimode", "generate", b"caf\xe9 \xff"],
                           capture_output=True, env=ENV, timeout=120)
     assert done.returncode == 2 and done.stdout == b""
     assert done.stderr == b"error: PROMPT is not valid UTF-8 text (byte 0xE9 at character 3)\n"
@@ -161,7 +161,7 @@ def test_flag_errors_use_the_flag_spelling(capsys, tmp_path):
 
 
 def test_train_summary_and_max_model_len_warning(capsys):
-    from trimode.server.cli import server_config
+    from trimode.entrypoints.server.cli import server_config
     from trimode.training.cli import summary_line
 
     line = summary_line(1, [{"step": 1, "ar_loss": 2.5, "diff_loss": 4.0}, {"step": 1}], "out")

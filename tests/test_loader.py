@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from conftest import init_random, make_oracle, nld_state_dict, tiny_geometry, write_checkpoint
 from reference import logits_of
 from trimode import CheckpointError
-from trimode.config import ModelConfig
-from trimode.loader import load_model
+from trimode.model.config import ModelConfig
+from trimode.checkpoint.loader import load_model
 
 TOL = 1e-4
 IDS = [5, 17, 42, 9, 88, 23, 61, 4, 70, 33, 12]
@@ -530,7 +530,7 @@ def test_config_unknown_rope_type():
 
 def test_sliding_window_caps_the_context_limit():
     """Full attention equals sliding-window attention only inside the window."""
-    from trimode.config import ModelConfig
+    from trimode.model.config import ModelConfig
 
     raw = dict(model_type="mistral", vocab_size=10, hidden_size=8, intermediate_size=8,
                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32768,

@@ -17,9 +17,9 @@ import torch
 from conftest import (BOS, EOS, NLD_ROPE, init_random, make_oracle, nld_config_dict, tiny_geometry,
                       write_checkpoint)
 from reference import logits_of
-from trimode.config import ModelConfig, RopeConfig
-from trimode.loader import load_model
-from trimode.rope import RotaryEmbedding, inv_freq_and_attention_factor
+from trimode.model.config import ModelConfig, RopeConfig
+from trimode.checkpoint.loader import load_model
+from trimode.model.rope import RotaryEmbedding, inv_freq_and_attention_factor
 
 TOL = 1e-4
 NEG = float("-inf")

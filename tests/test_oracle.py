@@ -79,7 +79,7 @@ def test_batched_equals_single(seeded, mode):
 def test_cached_equals_recompute_at_block_boundaries(tiny):
     """B08: after each commit the cached K/V equal a clean causal forward over the text."""
     from trimode.decoding.sequence import Sequence
-    from trimode.decoding.modes import STRATEGIES
+    from trimode.decoding.registry import STRATEGIES
 
     llm = LLM(str(tiny[0]))
     model = llm.model

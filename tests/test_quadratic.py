@@ -11,7 +11,7 @@ import torch
 from conftest import EOS, MASK, assert_cache_equals_causal
 from reference import argmax_no_mask
 from trimode import LLM, SamplingParams
-from trimode.decoding.quadratic import quadratic_layout
+from trimode.decoding.quadratic_spec import quadratic_layout
 
 
 def roles(verify_length: int, block_length: int, segments: list[int]):
@@ -177,7 +177,7 @@ def test_adversarial_drafter_still_one_forward_per_token():
 def test_cache_after_each_cycle_equals_ar_cache(tiny, segments):
     """Issue 8 KV exactness: after each cycle's crop the cached K/V equal those of a causal
     forward over the same committed text (minus the bonus token, which is not cached yet)."""
-    from trimode.decoding.modes import STRATEGIES
+    from trimode.decoding.registry import STRATEGIES
     from trimode.decoding.sequence import Sequence
 
     model = LLM(str(tiny[0])).model

@@ -1,5 +1,6 @@
 """The README's snippets are executed (issue 15): every ``python`` block runs (the OpenAI
-client one against a live server on the tiny checkpoint, the others on the embedded model),
+client ones against a live server on the tiny checkpoint or the tiny random VLM, with a
+random ``cat.png``; the others on the embedded model),
 every ``trimode ...`` command line in a ``bash`` block parses with the real argument parser,
 and the ``curl`` example gets a 200. The default run caps ``max_tokens`` at 2 to stay fast;
 the slow run checks each block's ``# prints:`` lines against what it really prints.
@@ -49,13 +50,29 @@ def commands(block: str) -> list[str]:
 def tiny_server(tiny):
     from serve_utils import running
     from trimode import LLM
-    from trimode.engine import AsyncEngine
-    from trimode.server.app import ServerConfig, build_app
+    from trimode import AsyncEngine
+    from trimode.entrypoints.server.app import ServerConfig, build_app
 
     llm = LLM(str(tiny[0]), max_batch_size=4)
     engine = AsyncEngine(llm)
     app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
                     ServerConfig(model_name="tiny", max_tokens=8))
+    with running(app) as url:
+        yield url
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vlm_server(tmp_path_factory):
+    from serve_utils import running
+    from trimode import LLM, AsyncEngine
+    from trimode.checkpoint.tiny_vlm import write_tiny_vlm
+    from trimode.entrypoints.server.app import ServerConfig, build_app
+
+    llm = LLM(str(write_tiny_vlm(tmp_path_factory.mktemp("readme_vlm"), seed=4)[0]))
+    engine = AsyncEngine(llm)
+    app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
+                    ServerConfig(model_name="tiny-vlm", max_tokens=8), vision=llm.config.vision)
     with running(app) as url:
         yield url
     engine.shutdown()
@@ -87,13 +104,24 @@ def run_block(block: str, monkeypatch, llm, cap: int | None) -> str:
 
 
 def test_readme_has_the_snippets_this_file_runs():
-    assert len(PYTHON) == 3 and sum("OpenAI(" in b for b in PYTHON) == 1
+    assert len(PYTHON) == 4 and sum("OpenAI(" in b for b in PYTHON) == 2
     assert sum(bool(shown(b)) for b in PYTHON) == 2 and any("curl" in b for b in BASH)
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON)))
-def test_python_snippet_runs(index, monkeypatch, request):
+def test_python_snippet_runs(index, monkeypatch, request, tmp_path):
     block = PYTHON[index]
+    if "cat.png" in block:  # the image example, against a live server on the tiny VLM
+        from vlm_utils import random_image
+
+        url = request.getfixturevalue("vlm_server")
+        random_image(5).save(tmp_path / "cat.png")
+        monkeypatch.chdir(tmp_path)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(block.replace(SERVED, url), "README.md", "exec"), {})
+        assert out.getvalue().strip()
+        return
     if "OpenAI(" in block:  # the server example, against a live server on the tiny model
         url = request.getfixturevalue("tiny_server")
         out = io.StringIO()
@@ -115,7 +143,7 @@ def test_python_snippet_prints_what_the_readme_shows(index, monkeypatch, embedde
 
 
 def test_command_lines_parse():
-    from trimode.cli import build_parser
+    from trimode.entrypoints.cli.main import build_parser
 
     parser = build_parser()
     seen = 0

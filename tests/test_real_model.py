@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from trimode import SamplingParams
-from trimode.embedded import default_model_dir
+from trimode.checkpoint.embedded import default_model_dir
 
 
 def test_chat_answers_paris(embedded_llm):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trimode import LLM, SamplingParams
-from trimode.config import CheckpointError
+from trimode.model.config import CheckpointError
 
 
 @pytest.fixture
@@ -86,7 +86,8 @@ def test_token_ids_as_tuple_numpy_and_torch(tiny_llm):
 
 @pytest.mark.parametrize("messages,message", [
     ([{"role": "user", "content": 5}], r"messages\[0\].content must be a string"),
-    ([{"role": "user", "content": ["a"]}], r"messages\[0\].content must be a string"),
+    ([{"role": "user", "content": ["a"]}],  # lists hold content parts (text, image_url, image)
+     r"messages\[0\].content\[0\] must be a text, image_url or image part"),
     ([{"role": None, "content": "hi"}], r"messages\[0\].role must be a non-empty string"),
     ([{"role": "user"}], "needs 'role' and 'content'"),
 ])

@@ -30,8 +30,8 @@ PROMPTS = ["w5 w6 w7", "w10 w11", "w40 w41 w42 w43", "w20", "w90 w31 w7", "w8 w8
 
 
 def start(llm, **config):
-    from trimode.engine import AsyncEngine
-    from trimode.server.app import ServerConfig, build_app
+    from trimode.engine.engine import AsyncEngine
+    from trimode.entrypoints.server.app import ServerConfig, build_app
 
     engine = AsyncEngine(llm)
     config = {"model_name": "tiny", "mode": "ar", "max_tokens": 16, "temperature": 0.0, **config}
@@ -336,9 +336,9 @@ def test_cli_serve_subprocess(tiny):
 def test_serve_auto_policy_flags(tmp_path):
     from types import SimpleNamespace
 
-    from trimode.cli import UsageError
-    from trimode.engine import AutoPolicy
-    from trimode.server.cli import auto_policy
+    from trimode.entrypoints.cli.main import UsageError
+    from trimode.engine.engine import AutoPolicy
+    from trimode.entrypoints.server.cli import auto_policy
 
     def args(**kw):
         base = dict(auto_crossover=None, auto_parallel_mode=None, auto_max_parallel_batch=None)

@@ -23,8 +23,8 @@ THINK = "<think>plan</think>answer"
 def bpe_tokenizer():
     from transformers import AutoTokenizer
 
-    from trimode.embedded import cache_root
-    from trimode.tokenizer import Tokenizer
+    from trimode.checkpoint.embedded import cache_root
+    from trimode.checkpoint.tokenizer import Tokenizer
 
     path = next(cache_root().glob("smollm2-135m-instruct-v*"), None)
     assert path is not None, "the embedded model cache is missing: run `trimode generate hi` once"
@@ -34,7 +34,7 @@ def bpe_tokenizer():
 @pytest.fixture(scope="module")
 def server(bpe_tokenizer):
     """Prompt "split K" plays TARGET back in steps of K tokens; "slow" runs 4000 steps."""
-    from trimode.server.app import ServerConfig, build_app
+    from trimode.entrypoints.server.app import ServerConfig, build_app
 
     ids = bpe_tokenizer.encode(TARGET)
     think = bpe_tokenizer.encode(THINK)
@@ -277,7 +277,7 @@ def wait_for(cond, message: str, timeout: float = 5.0) -> None:
 
 
 def test_floor_for_minus_infinity():
-    from trimode.server.format import _lp
+    from trimode.entrypoints.server.format import _lp
 
     assert _lp(-math.inf) == -9999.0 and _lp(float("nan")) == -9999.0 and _lp(-0.25) == -0.25
 

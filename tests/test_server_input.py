@@ -48,8 +48,8 @@ class Probe:
 @pytest.fixture(scope="module")
 def server(tiny):
     from trimode import LLM
-    from trimode.engine import AsyncEngine
-    from trimode.server.app import ServerConfig, build_app
+    from trimode import AsyncEngine
+    from trimode.entrypoints.server.app import ServerConfig, build_app
 
     llm = LLM(str(tiny[0]), max_batch_size=8, max_model_len=512)
     engine = AsyncEngine(llm)

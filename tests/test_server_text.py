@@ -12,14 +12,14 @@ import random
 
 import pytest
 
-from trimode.server.text import IncrementalDetokenizer, TextStream
+from trimode.entrypoints.server.text import IncrementalDetokenizer, TextStream
 
 SAMPLES = ["héllo 日本語 🎉 ok", "a🎉🎉b", "</think>answer", "Count: 1, 2, 3,\n\n4", "ÿ€😀x"]
 
 
 @pytest.fixture(scope="module")
 def bpe():
-    from trimode.embedded import cache_root
+    from trimode.checkpoint.embedded import cache_root
 
     from transformers import AutoTokenizer
 

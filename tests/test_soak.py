@@ -78,8 +78,8 @@ def wait_idle(engine, timeout: float = 30.0) -> dict:
 
 def test_soak_mixed_streams_with_disconnects(tiny, tiny_llm):
     from trimode import LLM
-    from trimode.engine import AsyncEngine
-    from trimode.server.app import ServerConfig, build_app
+    from trimode import AsyncEngine
+    from trimode.entrypoints.server.app import ServerConfig, build_app
 
     engine = AsyncEngine(LLM(str(tiny[0]), max_batch_size=16, max_model_len=256))
     app = build_app(engine, engine.llm.tokenizer, engine.llm.config.vocab_size,

@@ -134,7 +134,7 @@ def test_draft_lora_learns_diffusion_and_round_trips(small, tmp_path):
     prompt = [[4, 5, 6, 7, 8]]
     for mode in ("diffusion", "linear_spec"):
         params = SamplingParams(mode=mode, max_tokens=12, block_length=4)
-        from trimode.decoding.loop import decode
+        from trimode.engine.model_runner import decode
         from trimode.decoding.sequence import Sequence
 
         seq = Sequence(prompt[0], params, {2}, 3, 4, denoise_adapter=True)
@@ -228,7 +228,7 @@ def test_bad_data_is_a_clear_error(small, tmp_path):
 
 
 def test_cli_train_errors_are_one_line(small, tmp_path, capsys):
-    from trimode.cli import main
+    from trimode.entrypoints.cli.main import main
 
     ckpt, root = small
     for argv, match in [
@@ -246,7 +246,7 @@ def test_cli_train_errors_are_one_line(small, tmp_path, capsys):
 
 
 def test_cli_train_runs_and_resumes(small, tmp_path, capsys):
-    from trimode.cli import main
+    from trimode.entrypoints.cli.main import main
 
     ckpt, root = small
     argv = ["train", str(root / "chat.jsonl"), "--out", str(tmp_path / "cli"), "--model",
@@ -280,7 +280,7 @@ def test_chat_loss_is_on_assistant_turns_only(small):
 def test_shipped_adapter_is_lossless_and_accepts_drafts(embedded_llm):
     """The embedded model's default tri-mode adapter: linear_spec equals ar exactly and
     accepts well more than two tokens per verify (the untrained base: 1.04)."""
-    from trimode.embedded import shipped_adapter
+    from trimode.checkpoint.embedded import shipped_adapter
 
     assert shipped_adapter() is not None, "src/trimode/weights/smollm2-tri is missing"
     assert embedded_llm.draft_adapter is not None and embedded_llm.draft_adapter.denoise

@@ -4,9 +4,9 @@ One set of weights decodes in three modes switched by the attention pattern: ``a
 (causal), ``diffusion`` (block diffusion) and ``linear_spec`` (self-speculation).
 """
 
-from .config import CheckpointError, ModelConfig
-from .engine import AsyncEngine, AutoPolicy
-from .llm import LLM, StreamChunk
+from .model.config import CheckpointError, ModelConfig
+from .engine.engine import AsyncEngine, AutoPolicy
+from .entrypoints.llm import LLM, StreamChunk
 from .outputs import ForwardTrace, RequestMetrics, RequestOutput
 from .params import MODES, SamplingParams
 

@@ -1,5 +1,5 @@
 """``python -m trimode``: the same command line as ``trimode`` (see cli.py)."""
 
-from .cli import main
+from .entrypoints.cli.main import main
 
 main()

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, RopeConfig
-from ..model import TriModeModel
+from ..model.config import ModelConfig, RopeConfig
+from ..model.model import TriModeModel
 from ..params import SamplingParams
 
 SHAPES = {
@@ -97,7 +97,7 @@ def forward_cost(model, prefix: int = 128, widths=WIDTHS, batch_size: int = 1,
 def decode_speed(model, mode: str, batch_size: int, max_tokens: int, block_length: int,
                  prompt_length: int = 64, seed: int = 0) -> dict:
     """tokens/s, nfe and tokens_per_forward of one batch of random prompts, stops off."""
-    from ..decoding.loop import decode
+    from ..engine.model_runner import decode
     from ..decoding.sequence import Sequence
 
     vocab = model.config.vocab_size
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     if args.model:
-        from ..loader import load_model
+        from ..checkpoint.loader import load_model
 
         model = load_model(args.model, dtype=dtype, device=args.device)[0]
     else:

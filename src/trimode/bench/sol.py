@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import KVCache
+from ..model.kv_cache import KVCache
 from ..params import SamplingParams
-from ..sampling import confidence, pick
+from ..decoding.sampling import confidence, pick
 from .oracle import Block, BlockOracle, BlockSOL, Prediction
 
 GREEDY = SamplingParams()

@@ -25,7 +25,8 @@ class Step:
     cache + tokens (else causal). write: commit the tokens' KV. adapter: draft adapter on.
     Fused layouts also give attention ``[T, T]`` bool (query x key among these tokens),
     offsets (each token's position relative to the cache length) and adapter_tokens
-    (a per-token adapter flag).
+    (a per-token adapter flag). An image prefill gives embeds ``[k, d]``: the input
+    embeddings of the tokens at ``embed_positions`` (k ascending indices into tokens).
     """
 
     tokens: list[int]
@@ -36,10 +37,19 @@ class Step:
     attention: torch.Tensor | None = field(default=None, compare=False)
     offsets: list[int] | None = None
     adapter_tokens: list[bool] | None = None
+    embeds: torch.Tensor | None = field(default=None, compare=False)
+    embed_positions: tuple[int, ...] = ()
 
 
 class Sequence:
     """One request being decoded."""
+
+    # image requests (trimode.multimodal.requests): inputs, their [n_pads, d] features,
+    # the pad id, and the keys prefix sharing compares
+    images: list | None = None
+    image_features: torch.Tensor | None = None
+    image_pad_id: int | None = None
+    share_keys: list | None = None
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
                  mask_token_id: int | None, block_length: int, denoise_adapter: bool = False):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import confidence, pick, sample_from, target_log_probs
+from .sampling import confidence, pick, sample_from, target_log_probs
 from .sequence import Sequence, Step
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..tokenizer import Tokenizer
+from ..checkpoint.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@ linear_spec acceptance_length on held-out prompts, through the real decoding loo
 
 from __future__ import annotations
 
-from ..decoding.loop import decode
+from ..engine.model_runner import decode
 from ..decoding.sequence import Sequence
-from ..model import TriModeModel
+from ..model.model import TriModeModel
 from ..params import SamplingParams
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model import Linear, TriModeModel
+from ..model.model import Linear, TriModeModel
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROLE_FILE = "trimode_adapter.json"  # which passes use the adapter (absent: drafts only)

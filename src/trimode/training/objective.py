@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..model import TriModeModel
+from ..model.model import TriModeModel
 from .masks import block_layout_mask, chain_valid, dual_stream_mask, noise, sample_blocks
 
 HEAD_CHUNK = 1024  # rows per lm-head call: bounds the [rows, vocab] logits in memory

@@ -17,7 +17,7 @@ from pathlib import Path
 def generate(out: Path, prompts: list[str], model=None, max_tokens: int = 128,
              batch: int = 32, resume: bool = True) -> int:
     """Append greedy ``ar`` answers for ``prompts`` to ``out``; returns answer tokens written."""
-    from ..llm import LLM
+    from ..entrypoints.llm import LLM
     from ..params import SamplingParams
 
     done = len(out.read_text().splitlines()) if resume and out.exists() else 0

@@ -120,14 +120,14 @@ class Trainer:
     """Owns the model, data rows, optimizer and schedule of one run."""
 
     def __init__(self, config: TrainConfig):
-        from ..loader import load_model
-        from ..tokenizer import Tokenizer
+        from ..checkpoint.loader import load_model
+        from ..checkpoint.tokenizer import Tokenizer
 
         self.config = c = config
         self.out = Path(c.out)
         model_path = c.model
         if model_path is None:
-            from ..embedded import default_model_dir
+            from ..checkpoint.embedded import default_model_dir
 
             model_path = default_model_dir(progress=c.progress)
         self.model_path = str(model_path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .params import SamplingParams
+from ..params import SamplingParams
 
 NEG_INF = float("-inf")
 

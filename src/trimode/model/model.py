@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import ForwardBatch, KVCache, build_forward_batch
+from .kv_cache import ForwardBatch, KVCache, build_forward_batch
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 
@@ -163,14 +163,17 @@ class TriModeModel(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,
                 bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
                 adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
-                offsets: torch.Tensor | None = None) -> torch.Tensor:
+                offsets: torch.Tensor | None = None,
+                embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Inference forward (no autograd); see ``run`` for the arguments."""
-        return self.run(tokens, cache, n_valid, bidirectional, write, adapter, attention, offsets)
+        return self.run(tokens, cache, n_valid, bidirectional, write, adapter, attention, offsets,
+                        embeds=embeds)
 
     def run(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,
             bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
             adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
-            offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+            offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+            embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Run ``tokens`` ``[B, T]`` after each row's cached prefix; return hidden ``[B, T, d]``.
 
         ``n_valid`` ``[B]``: real tokens per row (the rest is right padding; default all T).
@@ -183,7 +186,10 @@ class TriModeModel(nn.Module):
         bool and ``offsets`` ``[B, T]`` override the pattern among this call's tokens and their
         positions (fused layouts; see ``cache.build_forward_batch``). ``mask`` ``[B, 1, T, S]``
         bool (S = max cache length + T) replaces the whole pattern, cached keys included
-        (training's dual-stream layout, spec 2.3 (a)). Autograd-enabled (training);
+        (training's dual-stream layout, spec 2.3 (a)). ``embeds`` (``where`` ``[B, T]`` bool,
+        ``values`` ``[N, d]``) replaces the token embeddings at the N ``where`` positions, in
+        row-major order (image features at ``<|image_pad|>`` slots in a VLM prefill).
+        Autograd-enabled (training);
         ``forward`` is the inference entry point.
         """
         b, t = tokens.shape
@@ -208,6 +214,10 @@ class TriModeModel(nn.Module):
             if adapter_rows is not None:
                 batch.adapter_rows = adapter_rows[real]
         h = self.encoder.embed_tokens(tokens if real is None else tokens[real])
+        if embeds is not None:
+            where = embeds[0].to(device)
+            where = where if real is None else where[real]
+            h = h.masked_scatter(where[..., None], embeds[1].to(device=device, dtype=h.dtype))
         for layer in self.encoder.layers:
             h = layer(h, batch, rope)
         cache.lengths = cache.lengths + torch.where(write, n_valid, torch.zeros_like(n_valid))

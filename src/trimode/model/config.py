@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-NLD_MODEL_TYPES = ("nemotron_labs_diffusion",)
+if TYPE_CHECKING:
+    from ..multimodal.config import VisionSpec
+
+NLD_MODEL_TYPES = ("nemotron_labs_diffusion", "nemotron_labs_diffusion_vlm")  # VLM: + vision_config
 CAUSAL_LM_MODEL_TYPES = ("llama", "mistral", "ministral", "ministral3")
 SUPPORTED_ROPE_TYPES = ("default", "yarn", "linear")
 
@@ -64,6 +67,7 @@ class ModelConfig:
     block_size: int = 32
     layout: str = "nld"
     model_type: str = "nemotron_labs_diffusion"
+    vision: "VisionSpec | None" = None  # NLD-VLM checkpoints (trimode.multimodal)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -118,6 +122,7 @@ class ModelConfig:
                 block_size=int(32 if raw.get("block_size") is None else raw["block_size"]),
                 layout=layout,
                 model_type=model_type,
+                vision=_vision(raw),
             )
         except KeyError as exc:
             raise CheckpointError(f"{source}: missing field {exc.args[0]!r}") from None
@@ -173,6 +178,17 @@ def _bad_field(raw: dict[str, Any]) -> str:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"{key} must be a number; got {value!r}"
     return "a field has a value of the wrong type (rope_parameters / rope_scaling?)"
+
+
+def _vision(raw: dict[str, Any]):
+    from ..multimodal.config import VLM_MODEL_TYPES, vision_spec_from_dict
+
+    if raw.get("model_type") not in VLM_MODEL_TYPES:
+        return None
+    try:
+        return vision_spec_from_dict(raw)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _replace(config: ModelConfig, **changes: Any) -> ModelConfig:

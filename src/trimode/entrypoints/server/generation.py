@@ -29,6 +29,7 @@ class Job:
     params: object  # SamplingParams
     request_id: str
     stop: list[str] = field(default_factory=list)
+    images: list | None = None  # ImageInputs filling the prompt's image pads (NLD-VLM)
 
 
 @dataclass
@@ -51,7 +52,8 @@ class ChoiceEvent:
 async def run_choice(engine, job: Job, decode) -> AsyncIterator[ChoiceEvent]:
     """Events of one choice, the last one with a finish_reason. ``decode(ids) -> str``."""
     stream = TextStream(decode, job.stop)
-    updates = engine.generate(job.prompt_ids, job.params, job.request_id)
+    extra = {"images": job.images} if job.images else {}
+    updates = engine.generate(job.prompt_ids, job.params, job.request_id, **extra)
     engine_done = False
     try:
         async for upd in updates:

@@ -6,7 +6,7 @@ fails in well under a second with one line ``error: ...`` (exit 2), never a trac
 answer with ``--json``); loading, the metrics summary and the ``--visual`` live view go to
 stderr, or the live view to a terminal stdout. A subcommand whose optional extra is missing
 names the pip command before doing any work (``extras.require``). The generate / chat bodies
-are in ``cli_generate``.
+are in ``generate``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from contextlib import redirect_stdout
 from rich.console import Console
 from rich.text import Text
 
-from .cli_generate import Interrupted, chat_loop, decode_input, run_one, summary, user_text
-from .extras import require
-from .params import MODES, SamplingParams
-from .server.cli import add_serve_parser
+from ...extras import require
+from ...params import MODES, SamplingParams
+from ..server.cli import add_serve_parser
+from .generate import Interrupted, chat_loop, decode_input, run_one, summary, user_text
 from .visual import MASK_GLYPH, LiveView
 
 __all__ = ["main", "build_parser", "sampling_params", "load", "run_one", "chat_loop", "summary",
@@ -132,6 +132,8 @@ def build_parser() -> Parser:
                          "summary goes to stderr.")
     gen.add_argument("--raw", action="store_true",
                      help="send PROMPT as is, without the chat template")
+    gen.add_argument("--image", action="append", default=[], metavar="PATH",
+                     help="an image shown before PROMPT (NLD-VLM checkpoints); repeat for more")
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
     sub.add_parser("chat", parents=[common], help="interactive multi-turn chat",
                    description="Multi-turn chat reading one user turn per stdin line. "
@@ -139,10 +141,10 @@ def build_parser() -> Parser:
                    "clears the history, /exit (or end of input) quits; any other such word is "
                    "refused, not sent. Exits 2 if a turn failed.")
     add_serve_parser(sub, threshold_arg)
-    from .bench.cli import add_parser as add_bench
+    from ...bench.cli import add_parser as add_bench
 
     add_bench(sub)
-    from .training.cli import add_train_parser
+    from ...training.cli import add_train_parser
 
     add_train_parser(sub, Parser)
     return parser
@@ -177,12 +179,12 @@ def load(args: argparse.Namespace, stderr: Console):
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: CUDA is not available in this torch build/machine")
-    from . import LLM, CheckpointError
+    from ... import LLM, CheckpointError
 
     with redirect_stdout(sys.stderr):
         model = args.model
         if model is None:
-            from .embedded import default_model_dir
+            from ...checkpoint.embedded import default_model_dir
 
             model = default_model_dir(progress=stderr.is_terminal)
         try:
@@ -211,16 +213,16 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         require("serve", "fastapi", "uvicorn", "prometheus_client")
-        from .server.cli import serve
+        from ..server.cli import serve
 
         return serve(args)
     if args.command == "bench":
-        from .bench.cli import run as bench
+        from ...bench.cli import run as bench
 
         return bench(args)
     if args.command == "train":
         require("train", "peft")
-        from .training.cli import run_train
+        from ...training.cli import run_train
 
         return run_train(args)
     params = sampling_params(args)
@@ -233,6 +235,8 @@ def _main(argv: list[str] | None) -> int:
             prompt = user_text(args.prompt, "PROMPT")
         if not prompt.strip():
             raise UsageError("PROMPT must not be empty")
+        if args.image and args.raw:
+            raise UsageError("--image needs the chat template; drop --raw")
     llm = load(args, stderr)
     if args.command == "chat":
         if not llm.tokenizer.has_chat_template:
@@ -241,7 +245,9 @@ def _main(argv: list[str] | None) -> int:
     if not args.raw:
         if not llm.tokenizer.has_chat_template:
             raise UsageError("this checkpoint has no chat template; add --raw")
-        prompt = [{"role": "user", "content": prompt}]
+        images = [{"type": "image_url", "image_url": {"url": p}} for p in args.image]
+        prompt = [{"role": "user", "content": images + [{"type": "text", "text": prompt}]
+                   if images else prompt}]
     run_one(llm, prompt, params, args, stderr, raw=args.raw)
     return 0
 

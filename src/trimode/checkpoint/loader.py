@@ -15,10 +15,13 @@ from pathlib import Path
 
 import torch
 
-from .config import CheckpointError, ModelConfig
-from .model import TriModeModel
+from ..model.config import CheckpointError, ModelConfig
+from ..model.model import TriModeModel
 
 CAUSAL_LM_RENAMES = (("model.", "encoder."), ("lm_head.", "diffusion_head."))
+# NLD-VLM vision weights sit under encoder. (most likely) or at the top level (spec vlm 1.3)
+VISION_RENAMES = (("vision_tower.", "encoder.vision_tower."),
+                  ("multi_modal_projector.", "encoder.multi_modal_projector."))
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = resolve(model)
     if ckpt.gguf_file is not None:
-        from .gguf_reader import read_gguf
+        from .gguf import read_gguf
 
         config, tensors = read_gguf(ckpt.gguf_file)
         source = str(ckpt.gguf_file)
@@ -87,8 +90,16 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
         tensors = read_safetensors(ckpt.directory)
     with torch.device("meta"):
         net = TriModeModel(config)
+        if config.vision is not None:  # NLD-VLM: + Pixtral tower and Mistral3 projector
+            from ..model.vision import attach_vision
+
+            attach_vision(net, config.vision)
     assign_weights(net, tensors, config, dtype)
     net.rotary = type(net.rotary)(config.rope, config.head_dim)
+    if config.vision is not None:
+        from ..model.vision import materialize_vision_buffers
+
+        materialize_vision_buffers(net, config.vision)
     return net.to(device).eval(), ckpt
 
 
@@ -138,10 +149,9 @@ def read_safetensors(directory: Path) -> dict[str, tuple[torch.Tensor, str]]:
 
 def canonical_name(name: str, layout: str) -> str:
     """Map a checkpoint tensor name to trimode's (the NLD names, spec 1.5)."""
-    if layout == "causal_lm":
-        for old, new in CAUSAL_LM_RENAMES:
-            if name.startswith(old):
-                return new + name[len(old):]
+    for old, new in CAUSAL_LM_RENAMES if layout == "causal_lm" else VISION_RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
     return name
 
 
@@ -156,7 +166,7 @@ def assign_weights(net: TriModeModel, tensors: dict[str, tuple[torch.Tensor, str
         key = canonical_name(name, config.layout)
         if key == "diffusion_head.weight" and config.tie_word_embeddings:
             continue  # tied checkpoints may still store the head; the embedding wins
-        if key.endswith("rotary_emb.inv_freq"):
+        if key.endswith(("rotary_emb.inv_freq", "patch_positional_embedding.inv_freq")):
             continue  # non-persistent buffers some exporters write
         if key not in expected:
             raise CheckpointError(f"{source}: unexpected tensor {name!r}")

@@ -13,11 +13,11 @@ reaches the tokenizer. Unknown fields are ignored, as in vLLM. Knows nothing abo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
-from ..tokenizer import check_text
+from ...checkpoint.tokenizer import check_text
 
 SERVER_MODES = ("auto", "ar", "diffusion", "linear_spec", "quadratic_spec")
 Mode = Literal["auto", "ar", "diffusion", "linear_spec", "quadratic_spec"]
@@ -147,11 +147,21 @@ class TextPart(BaseModel):
         return check_text(value, "text")
 
 
+class ImageURL(BaseModel):
+    url: str = Field(..., description="a data:image/...;base64 URL (remote URLs are refused)")
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
     @field_validator("content")
     @classmethod
@@ -160,8 +170,14 @@ class Message(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return "".join(p.text for p in self.content if isinstance(p, TextPart))
         return self.content or ""
+
+    def parts(self) -> str | list[dict]:
+        """The content for ``multimodal.prompt``: a string, or parts with images."""
+        if isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content):
+            return [p.model_dump(exclude_none=True) for p in self.content]
+        return self.text()
 
 
 class ChatCompletionRequest(_Sampling):

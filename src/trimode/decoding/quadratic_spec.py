@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import pick, target_log_probs
+from .sampling import pick, target_log_probs
 from .sequence import Sequence, Step
 from .strategies import LinearSpecStrategy, ar_token
 

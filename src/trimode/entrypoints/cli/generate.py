@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from rich.console import Console
 from rich.text import Text
 
-from .tokenizer import check_text
+from ...checkpoint.tokenizer import check_text
 from .visual import LiveView
 
 COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation history",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import CheckpointError
+from ..model.config import CheckpointError
 
 
 class Tokenizer:

@@ -12,9 +12,9 @@ from typing import Callable
 
 import torch
 
-from ..model import TriModeModel
-from .sequence import Sequence, Step
-from .modes import scratch_slots
+from ..model.model import TriModeModel
+from ..decoding.sequence import Sequence, Step
+from ..decoding.registry import scratch_slots
 
 
 def decode(model: TriModeModel, seqs: list[Sequence],
@@ -23,7 +23,7 @@ def decode(model: TriModeModel, seqs: list[Sequence],
     forward, then one packed forward per step) on a :class:`~trimode.engine.Engine` sized
     for exactly them. ``on_step(seq)`` is called after every forward a request took part in.
     """
-    from ..engine import Engine, EngineConfig
+    from .engine import Engine, EngineConfig
 
     if not seqs:
         return
@@ -70,9 +70,19 @@ def _forward(model: TriModeModel, cache, steps: list[Step]) -> tuple[torch.Tenso
     fused = {}
     if any(s.attention is not None for s in steps):
         fused = dict(zip(("attention", "offsets"), _fused_patterns(steps, width)))
+    if any(s.embeds is not None for s in steps):  # image features at pad slots (VLM prefill)
+        fused["embeds"] = _embeds(steps, width)
     hidden = model(tokens.to(device), cache, n_valid, bidirectional, write, adapter.to(device),
                    **fused)
     return hidden, n_valid.cpu()
+
+
+def _embeds(steps: list[Step], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``where`` ``[B, T]`` bool, ``values`` ``[N, d]`` row-major) for ``model.run``."""
+    where = torch.zeros(len(steps), width, dtype=torch.bool)
+    for i, s in enumerate(steps):
+        where[i, list(s.embed_positions)] = True
+    return where, torch.cat([s.embeds for s in steps if s.embeds is not None])
 
 
 def _fused_patterns(steps: list[Step], width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,12 +36,13 @@ from typing import Callable
 
 import torch
 
-from .cache import KVPool
-from .decoding.loop import forward_rows
-from .decoding.modes import STRATEGIES, scratch_slots
-from .decoding.sequence import Sequence, Step
-from .outputs import RequestMetrics, RequestOutput, TokenLogprob
-from .params import ParamError, SamplingParams
+from ..model.kv_cache import KVPool
+from .model_runner import forward_rows
+from ..decoding.registry import STRATEGIES, scratch_slots
+from ..decoding.sequence import Sequence, Step
+from ..multimodal.requests import attach_features, check_images, prefill_step, share_keys
+from ..outputs import RequestMetrics, RequestOutput, TokenLogprob
+from ..params import ParamError, SamplingParams
 
 log = logging.getLogger("trimode.engine")
 
@@ -213,19 +214,23 @@ class Engine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None,
-                    on_step: Callable[[Sequence], None] | None = None) -> str:
+                    on_step: Callable[[Sequence], None] | None = None,
+                    images: list | None = None) -> str:
         """Queue a request; it joins the batch at the next step that has room.
 
         ``prompt_ids``: validated token ids (see ``Tokenizer.check_ids``). Returns the
         request id. Raises ValueError when the request can never run here: a mode the
         checkpoint cannot run, prompt + generation over the context limit or
         ``max_model_len``, a prompt over ``max_num_batched_tokens``, or a duplicate id.
+        ``images``: preprocessed ``ImageInput``s whose features fill the prompt's image pad
+        tokens in order (the vision tower runs here, once per image).
         """
-        self.validate(prompt_ids, params)
+        self.validate(prompt_ids, params, images)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         seq = self._sequence(prompt_ids, params)
+        attach_features(self.model, seq, images)
         seq.request_id = request_id
         seq.on_step = on_step
         self.requests[request_id] = seq
@@ -242,12 +247,14 @@ class Engine:
         self.waiting.append(seq)
         return seq.request_id
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams,
+                 images: list | None = None) -> None:
         """Raise ValueError (naming the field and limit) if the request could never run."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams; got {params!r}")
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt must be a non-empty list of token ids")
+        check_images(self.model, list(prompt_ids), images)
         modes = (params.mode,) if params.mode != "auto" else ("ar", self.config.auto.parallel_mode)
         for mode in modes:
             self._check_fits(prompt_ids, replace(params, mode=mode))
@@ -297,7 +304,7 @@ class Engine:
         if admitted:
             start = admitted[0].row
             shared = [self._share_prefix(s) for s in admitted]
-            self._run([Step(s.prompt_ids[n:], "prefill") for s, n in zip(admitted, shared)],
+            self._run([prefill_step(s, n, self.model) for s, n in zip(admitted, shared)],
                       admitted, start, prefill=True)
             touched.update((s.request_id, s) for s in admitted)
         decoding = [s for s in self.running if not s.finished and s not in admitted]
@@ -343,14 +350,14 @@ class Engine:
         summation order."""
         if not self.config.min_shared_prefix:
             return 0
-        prompt, best, source = seq.prompt_ids, 0, -1
+        prompt, keys, best, source = seq.prompt_ids, share_keys(seq), 0, -1
         for other in self.running:
             if other.metrics.nfe == 0:
                 continue  # admitted in this step (seq itself included): no KV yet
             limit = min(len(prompt) - 1, int(self.pool.cache.lengths[other.row]),
                         len(other.prompt_ids))
-            n = 0
-            while n < limit and other.prompt_ids[n] == prompt[n]:
+            n, other_keys = 0, share_keys(other)
+            while n < limit and other_keys[n] == keys[n]:
                 n += 1
             if n > best:
                 best, source = n, other.row
@@ -476,6 +483,8 @@ class Engine:
         if like is not None:  # auto resolved at admission: keep identity, seed and arrival
             seq.request_id, seq.arrival, seq.on_step = like.request_id, like.arrival, like.on_step
             seq.generator = like.generator
+            seq.images, seq.image_features = like.images, like.image_features
+            seq.image_pad_id, seq.share_keys = like.image_pad_id, like.share_keys
         return seq
 
 
@@ -531,23 +540,24 @@ class AsyncEngine:
         if self.llm is not None:
             self.llm._async = self
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams,
+                 images: list | None = None) -> None:
         """Raise ValueError (naming the field) if the request could never run here."""
-        self.engine.validate(prompt_ids, params)
+        self.engine.validate(prompt_ids, params, images)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None):
+                       request_id: str | None = None, images: list | None = None):
         """Yield this request's RequestUpdates until it finishes (the last has
         ``finished=True``). Raises ValueError for a request that can never run."""
         import asyncio
 
-        self.validate(prompt_ids, params)
+        self.validate(prompt_ids, params, images)
         request_id = f"async-{next(self._ids)}" if request_id is None else str(request_id)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._ensure_thread()
         with self._lock:
-            self._inbox.append(("add", request_id, list(prompt_ids), params, loop, queue))
+            self._inbox.append(("add", request_id, list(prompt_ids), params, loop, queue, images))
         self._wake.set()
         finished = False
         try:
@@ -607,7 +617,7 @@ class AsyncEngine:
             items, self._inbox = list(self._inbox), deque()
         for item in items:
             if item[0] == "add":
-                _, request_id, prompt_ids, params, loop, queue = item
+                _, request_id, prompt_ids, params, loop, queue, images = item
                 if request_id in self._streams or request_id in self.engine.requests:
                     # a duplicate id: refuse it without touching the request that owns it
                     loop.call_soon_threadsafe(queue.put_nowait, ValueError(
@@ -615,7 +625,7 @@ class AsyncEngine:
                     continue
                 self._streams[request_id] = (loop, queue)
                 try:
-                    self.engine.add_request(prompt_ids, params, request_id)
+                    self.engine.add_request(prompt_ids, params, request_id, images=images)
                 except Exception as exc:  # noqa: BLE001 - delivered to the caller
                     self._deliver(request_id, exc if isinstance(exc, ValueError) else
                                   RuntimeError(f"{type(exc).__name__}: {exc}"))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .config import CheckpointError
-from .model import Linear, TriModeModel
+from ..model.config import CheckpointError
+from ..model.model import Linear, TriModeModel
 
 PREFIXES = ("base_model.model.",)
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")

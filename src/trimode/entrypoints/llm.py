@@ -16,12 +16,14 @@ from typing import Sequence as Seq
 
 import torch
 
-from .decoding.sequence import Sequence
-from .engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
-from .loader import load_model
-from .outputs import RequestOutput
-from .params import SamplingParams
-from .tokenizer import Tokenizer
+from ..decoding.sequence import Sequence
+from ..engine.engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
+from ..checkpoint.loader import load_model
+from ..multimodal.image import ImageLimits
+from ..multimodal.prompt import chat_prompt, check_tokenizer
+from ..outputs import RequestOutput
+from ..params import SamplingParams
+from ..checkpoint.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
@@ -55,7 +57,7 @@ class LLM:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
-            from .embedded import default_auto_policy
+            from ..checkpoint.embedded import default_auto_policy
 
             auto = default_auto_policy()
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
@@ -63,7 +65,7 @@ class LLM:
                                      max_num_batched_tokens=max_num_batched_tokens,
                                      auto=auto or AutoPolicy())
         if model is None:
-            from .embedded import default_model_dir, shipped_adapter
+            from ..checkpoint.embedded import default_model_dir, shipped_adapter
 
             model = default_model_dir(progress=progress)
             if draft_adapter is None:
@@ -79,9 +81,12 @@ class LLM:
         self.config = self.model.config
         self.tokenizer = Tokenizer.load(ckpt.directory, ckpt.gguf_file, self.config.mask_token_id,
                                         self.config.bos_token_id)
+        self.image_limits = ImageLimits()  # per-request image count and size limits
+        if self.config.vision is not None:
+            check_tokenizer(self.tokenizer, self.config.vision)
         self.draft_adapter = None
         if draft_adapter is not None:
-            from .adapter import load_draft_adapter
+            from ..checkpoint.adapter import load_draft_adapter
 
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
         self.max_batch_size = max_batch_size
@@ -114,11 +119,18 @@ class LLM:
     def chat(self, conversations: list[dict] | Seq[list[dict]],
              params: SamplingParams | Seq[SamplingParams] | None = None,
              on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
-        """Apply the checkpoint's chat template to each conversation and decode."""
+        """Apply the checkpoint's chat template to each conversation and decode.
+
+        A message's content is a string or a list of OpenAI-style parts: ``{"type": "text",
+        "text": ...}``, ``{"type": "image_url", "image_url": {"url": ...}}`` (a ``data:`` URL
+        or a local path) or ``{"type": "image", "image": PIL.Image}`` (NLD-VLM checkpoints;
+        see ``trimode.multimodal.prompt``). Raises ValueError (ImageError for a bad image)."""
         batch = [conversations] if conversations and isinstance(conversations[0], dict) \
             else list(conversations)
-        ids = [self.tokenizer.apply_chat_template(list(c)) for c in batch]
-        return self._run(ids, [None] * len(ids), params, on_step)
+        built = [chat_prompt(self.tokenizer, self.config.vision, list(c), self.image_limits)
+                 for c in batch]
+        return self._run([b[0] for b in built], [None] * len(built), params, on_step,
+                         [b[1] or None for b in built])
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         prompt = _as_id_list(prompt)
@@ -146,21 +158,23 @@ class LLM:
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
                     on_step: Callable[[int, Sequence], None] | None = None
                     ) -> Iterator["StreamChunk"]:
-        """``stream`` for one conversation: the checkpoint's chat template is applied, as in
-        ``chat``."""
-        return self._stream(self.tokenizer.apply_chat_template(list(messages)), None, params,
-                            on_step)
+        """``stream`` for one conversation: the checkpoint's chat template is applied (and
+        image parts read) as in ``chat``."""
+        ids, images = chat_prompt(self.tokenizer, self.config.vision, list(messages),
+                                  self.image_limits)
+        return self._stream(ids, None, params, on_step, images or None)
 
     def _stream(self, ids: list[int], text: str | None, params: SamplingParams | None,
-                on_step) -> Iterator["StreamChunk"]:
+                on_step, images: list | None = None) -> Iterator["StreamChunk"]:
         params = params or SamplingParams()
         self._check_idle()
-        self.engine.validate(ids, params)  # bad input fails at the call, not at next()
+        self.engine.validate(ids, params, images)  # bad input fails at the call, not at next()
         hook = (lambda seq: on_step(0, seq)) if on_step else None
-        return self._updates(ids, params, hook, text)
+        return self._updates(ids, params, hook, text, images)
 
-    def _updates(self, ids, params, hook, prompt: str | None) -> Iterator["StreamChunk"]:
-        request_id = self.engine.add_request(ids, params, on_step=hook)
+    def _updates(self, ids, params, hook, prompt: str | None,
+                 images: list | None) -> Iterator["StreamChunk"]:
+        request_id = self.engine.add_request(ids, params, on_step=hook, images=images)
         shown = ""
         try:
             while True:
@@ -188,7 +202,7 @@ class LLM:
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None):
         """Async variant of ``stream`` over an AsyncEngine (created on first use): yields
         RequestUpdates. Leaving the loop early cancels the request."""
-        from .engine import AsyncEngine
+        from ..engine.engine import AsyncEngine
 
         ids = self._prompt_ids(prompt)
         engine = self._async or AsyncEngine(self)
@@ -202,16 +216,18 @@ class LLM:
 
     def _run(self, ids: list[list[int]], texts: list[str | None],
              params: SamplingParams | Seq[SamplingParams] | None,
-             on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
+             on_step: Callable[[int, Sequence], None] | None = None,
+             images: list | None = None) -> list[RequestOutput]:
         per = _per_prompt(params, len(ids))
+        images = images or [None] * len(ids)
         self._check_idle()
-        for i, p in zip(ids, per):  # validate everything before queueing anything
-            self.engine.validate(i, p)
+        for i, p, im in zip(ids, per, images):  # validate everything before queueing anything
+            self.engine.validate(i, p, im)
         request_ids = []
         try:
-            for k, (i, p) in enumerate(zip(ids, per)):
+            for k, (i, p, im) in enumerate(zip(ids, per, images)):
                 hook = (lambda seq, k=k: on_step(k, seq)) if on_step else None
-                request_ids.append(self.engine.add_request(i, p, on_step=hook))
+                request_ids.append(self.engine.add_request(i, p, on_step=hook, images=im))
             pending = set(request_ids)
             while pending:
                 for update in self.engine.step():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..params import MODES
+from ...params import MODES
 
 FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
          "top_k": "--top-k", "top_p": "--top-p", "block_length": "--block-length",
@@ -69,7 +69,7 @@ def add_serve_parser(sub, threshold_arg) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Load, start the engine, serve until interrupted. Raises UsageError for bad flags."""
-    from ..cli import UsageError
+    from ..cli.main import UsageError
 
     server_config(args, None)  # bad defaults fail before the model loads
     if args.max_batch_size < 1:
@@ -81,19 +81,19 @@ def serve(args: argparse.Namespace) -> int:
     auto = auto_policy(args)
     import uvicorn
 
-    from .. import LLM
-    from ..engine import AsyncEngine
+    from ... import LLM
+    from ...engine.engine import AsyncEngine
     from .app import build_app
 
     model = args.model
     if model is None:
-        from ..embedded import default_model_dir, shipped_adapter
+        from ...checkpoint.embedded import default_model_dir, shipped_adapter
 
         model = default_model_dir(progress=False)
         if args.draft_adapter is None:
             args.draft_adapter = shipped_adapter()  # as LLM() does for the embedded model
         if auto is None:
-            from ..embedded import default_auto_policy
+            from ...checkpoint.embedded import default_auto_policy
 
             auto = default_auto_policy()
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=args.draft_adapter,
@@ -102,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
     engine = AsyncEngine(llm)
     try:
         app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
-                        server_config(args, llm, model))
+                        server_config(args, llm, model), vision=llm.config.vision)
         # Open streams are cancelled (and their engine requests aborted) after 5 s of a
         # graceful shutdown instead of keeping the process alive until they finish.
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -115,8 +115,8 @@ def serve(args: argparse.Namespace) -> int:
 def auto_policy(args: argparse.Namespace):
     """The AutoPolicy the --auto-* flags ask for, or None (the LLM's default). Raises
     UsageError for bad values."""
-    from ..cli import UsageError
-    from ..engine import AutoPolicy
+    from ..cli.main import UsageError
+    from ...engine.engine import AutoPolicy
 
     if args.auto_crossover is not None:
         if args.auto_parallel_mode is not None or args.auto_max_parallel_batch is not None:
@@ -140,8 +140,8 @@ def auto_policy(args: argparse.Namespace):
 def server_config(args: argparse.Namespace, llm, model=None):
     """The request defaults from the flags, checked through SamplingParams (UsageError
     naming the flag). With ``llm``, the full ServerConfig."""
-    from ..cli import UsageError
-    from ..params import SamplingParams
+    from ..cli.main import UsageError
+    from ...params import SamplingParams
 
     try:
         SamplingParams(mode=args.mode, max_tokens=args.max_tokens,

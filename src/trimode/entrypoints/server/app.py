@@ -27,7 +27,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..params import SamplingParams
+from ...params import SamplingParams
+from ...multimodal.image import ImageLimits
+from ...multimodal.prompt import chat_prompt
 from .generation import Job
 from .guard import Guard
 from .metrics import Metrics
@@ -59,9 +61,12 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20
 
 
-def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig) -> FastAPI:
+def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=None,
+              image_limits: ImageLimits = ImageLimits(local_files=False)) -> FastAPI:
     """engine: an ``AsyncEngine`` (or anything with its validate / generate / abort / stats).
-    tokenizer: trimode's Tokenizer (encode, decode, apply_chat_template, check_ids)."""
+    tokenizer: trimode's Tokenizer (encode, decode, apply_chat_template, check_ids).
+    vision: the checkpoint's ``VisionSpec`` (NLD-VLM: ``image_url`` parts with ``data:`` URLs
+    are accepted, under ``image_limits``), else None (images get a 400)."""
     app = FastAPI(title="trimode", version="0.1.0",
                   description="OpenAI-compatible server for tri-mode diffusion LMs")
     metrics = Metrics(engine)
@@ -119,6 +124,7 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig) -> FastA
         mode = body.mode or config.mode
         try:
             _check_counts(body, endpoint)  # before any tokenizing
+            # tokenizing (and decoding images) takes a while: off the event loop
             jobs, prompt_tokens = await asyncio.to_thread(_jobs, body, endpoint)
         except RequestError as exc:
             metrics.requests.labels(endpoint, mode, str(exc.status)).inc()
@@ -167,14 +173,21 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig) -> FastA
         """Validate everything and build one Job per choice (prompt-major, then n). Runs in a
         worker thread: it tokenizes."""
         stop = body.stop_strings()
-        prompts = _prompt_ids(body) if endpoint == "completions" else [_chat_ids(body)]
+        images = None
+        if endpoint == "completions":
+            prompts = _prompt_ids(body)
+        else:
+            ids, images = _chat_ids(body)
+            prompts = [ids]
         field = "prompt" if endpoint == "completions" else "messages"
         jobs = []
         for p, ids in enumerate(prompts):
             for j in range(body.n):
                 params = _params(body, j)
-                _check(lambda: engine.validate(ids, params), field)
-                jobs.append(Job(p * body.n + j, ids, params, f"{uuid.uuid4().hex}-{p}-{j}", stop))
+                extra = {"images": images} if images else {}
+                _check(lambda: engine.validate(ids, params, **extra), field)
+                jobs.append(Job(p * body.n + j, ids, params, f"{uuid.uuid4().hex}-{p}-{j}", stop,
+                                images or None))
         return jobs, prompts
 
     def _prompt_ids(body: CompletionRequest) -> list[list[int]]:
@@ -196,9 +209,11 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig) -> FastA
             out.append(ids)
         return out
 
-    def _chat_ids(body: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return _check(lambda: tokenizer.apply_chat_template(messages), "messages")
+    def _chat_ids(body: ChatCompletionRequest) -> tuple[list[int], list]:
+        messages = [{"role": m.role, "content": m.parts()} for m in body.messages]
+        if all(isinstance(m["content"], str) for m in messages):
+            return _check(lambda: tokenizer.apply_chat_template(messages), "messages"), []
+        return _check(lambda: chat_prompt(tokenizer, vision, messages, image_limits), "messages")
 
     def _params(body: _Sampling, j: int) -> SamplingParams:
         mode = body.mode or config.mode

@@ -1,6 +1,6 @@
 """The registry of decoding modes: mode name -> strategy class."""
 
-from .quadratic import QuadraticSpecStrategy
+from .quadratic_spec import QuadraticSpecStrategy
 from .strategies import ARStrategy, DiffusionStrategy, LinearSpecStrategy
 
 STRATEGIES = {"ar": ARStrategy, "diffusion": DiffusionStrategy, "linear_spec": LinearSpecStrategy,

@@ -1,0 +1,1 @@
+"""Checkpoints: resolving, loading (safetensors, GGUF), adapters, tokenizer, the embedded model."""

@@ -1,0 +1,1 @@
+"""What users call: the Python API (llm), the command line (cli) and the HTTP server."""

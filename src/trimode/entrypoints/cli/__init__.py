@@ -1,0 +1,1 @@
+"""The ``trimode`` command line."""

@@ -1,0 +1,1 @@
+"""The model: config, RoPE, layers, attention metadata and the KV cache."""
