@@ -48,7 +48,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def closed_loop(llm, params, concurrency: int, total: int, prompts: list[list[int]],
                 auto=None) -> dict:
-    from trimode.engine.engine import AutoPolicy, Engine, EngineConfig
+    from trimode.engine import AutoPolicy, Engine, EngineConfig
 
     engine = Engine(llm.model, EngineConfig(max_num_seqs=concurrency, max_model_len=512,
                                             auto=auto or AutoPolicy()))
@@ -102,7 +102,7 @@ def packing(llm, rows_per_kind: int = 4, prefix: int = 96, block_length: int = 8
                      write=False)] * rows_per_kind)
 
     def view(a, b):
-        from trimode.model.kv_cache import KVPool
+        from trimode.engine.kv_pool import KVPool
 
         pool = KVPool(cache)
         pool.live = n
@@ -144,7 +144,7 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
     from trimode import LLM, SamplingParams
-    from trimode.engine.engine import AutoPolicy
+    from trimode.engine import AutoPolicy
 
     llm = LLM(args.model, progress=False)
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]

@@ -76,7 +76,7 @@ class ModelTimer:
 def measure(model, timer: ModelTimer, mode: str, batch: int, steps: int,
             temperature: float) -> dict:
     """Per-step means over ``steps`` measured engine steps of ``batch`` requests."""
-    from trimode.engine.engine import Engine, EngineConfig
+    from trimode.engine import Engine, EngineConfig
     from trimode.params import SamplingParams
 
     engine = Engine(model, EngineConfig(max_num_seqs=batch, max_model_len=1024,

@@ -28,7 +28,7 @@ import torch
 
 from trimode.model.kv_cache import KVCache
 from trimode.model.config import ModelConfig
-from trimode.engine.model_runner import decode
+from trimode.engine.decode import decode
 from trimode.decoding.sequence import Sequence
 from trimode.params import SamplingParams
 

@@ -20,7 +20,7 @@ from stubs import (ADVERSARIAL, EOS, MASK, PARTIAL3, PERFECT, WRONG, ContextFree
                    HashLM, RowDrafter, ScriptLM, StubModel, ar_greedy, kinds, make_seq, run,
                    run_one, single_thread, verify_sizes)
 from trimode import SamplingParams
-from trimode.engine.model_runner import decode
+from trimode.engine.decode import decode
 from trimode.decoding.sequence import Sequence
 
 assert single_thread  # autouse fixture, imported for its effect
@@ -39,7 +39,7 @@ def expected_cycles(block_length: int, max_tokens: int, right: int | None):
     correct (None: all), on a language without EOS: one prefill (emits the seed), then per
     cycle a draft pass (when the block has a mask) and a verify accepting the correct
     drafts plus the bonus token. Draft 1 is always correct: the draft pass takes it from
-    the causal copy of the seed (``strategies.draft_with_seed_copy``), not the drafter."""
+    the causal copy of the seed (``linear_spec.draft_with_seed_copy``), not the drafter."""
     emitted, sizes, nfe = 1, [], 1
     while emitted < max_tokens:
         length = min(block_length, max_tokens - emitted)

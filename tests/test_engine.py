@@ -17,7 +17,7 @@ import torch
 from conftest import assert_cache_equals_causal
 from stubs import Drafter, HashLM, StubModel
 from trimode import SamplingParams
-from trimode.engine.engine import AsyncEngine, AutoPolicy, Engine, EngineConfig
+from trimode.engine import AsyncEngine, AutoPolicy, Engine, EngineConfig
 
 MIXED = [  # (prompt, params): all four modes, different block lengths, prompts, max_tokens
     ([5, 6, 7], SamplingParams(mode="ar", max_tokens=9)),

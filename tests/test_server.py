@@ -30,7 +30,7 @@ PROMPTS = ["w5 w6 w7", "w10 w11", "w40 w41 w42 w43", "w20", "w90 w31 w7", "w8 w8
 
 
 def start(llm, **config):
-    from trimode.engine.engine import AsyncEngine
+    from trimode.engine import AsyncEngine
     from trimode.entrypoints.server.app import ServerConfig, build_app
 
     engine = AsyncEngine(llm)
@@ -337,7 +337,7 @@ def test_serve_auto_policy_flags(tmp_path):
     from types import SimpleNamespace
 
     from trimode.entrypoints.cli.main import UsageError
-    from trimode.engine.engine import AutoPolicy
+    from trimode.engine import AutoPolicy
     from trimode.entrypoints.server.cli import auto_policy
 
     def args(**kw):

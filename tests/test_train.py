@@ -134,7 +134,7 @@ def test_draft_lora_learns_diffusion_and_round_trips(small, tmp_path):
     prompt = [[4, 5, 6, 7, 8]]
     for mode in ("diffusion", "linear_spec"):
         params = SamplingParams(mode=mode, max_tokens=12, block_length=4)
-        from trimode.engine.model_runner import decode
+        from trimode.engine.decode import decode
         from trimode.decoding.sequence import Sequence
 
         seq = Sequence(prompt[0], params, {2}, 3, 4, denoise_adapter=True)

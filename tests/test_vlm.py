@@ -16,7 +16,7 @@ from conftest import EOS, MASK
 from reference import logits_of, ref_ar, ref_diffusion, ref_linear_spec
 from test_quadratic import ref_quadratic
 from trimode import LLM, CheckpointError, SamplingParams
-from trimode.engine.engine import Engine, EngineConfig
+from trimode.engine import Engine, EngineConfig
 from trimode.multimodal.prompt import chat_prompt
 from trimode.checkpoint.tiny_vlm import write_tiny_vlm
 from vlm_utils import PAD, SplicedOracle, random_image, reference_features

@@ -124,7 +124,7 @@ def test_too_many_images_and_paths(vlm_llm, tmp_path):
 
 @pytest.fixture(scope="module")
 def vlm_server(vlm_dir):
-    from trimode.engine.engine import AsyncEngine
+    from trimode.engine import AsyncEngine
     from trimode.entrypoints.server.app import ServerConfig, build_app
 
     llm = LLM(str(vlm_dir))
@@ -175,7 +175,7 @@ def test_server_bad_images_400_and_keeps_serving(vlm_server):
 
 
 def test_text_only_server_refuses_images(tiny):
-    from trimode.engine.engine import AsyncEngine
+    from trimode.engine import AsyncEngine
     from trimode.entrypoints.server.app import ServerConfig, build_app
 
     llm = LLM(str(tiny[0]))

@@ -1,12 +1,13 @@
 """trimode: an inference engine for tri-mode diffusion language models.
 
-One set of weights decodes in three modes switched by the attention pattern: ``ar``
-(causal), ``diffusion`` (block diffusion) and ``linear_spec`` (self-speculation).
+One set of weights decodes in several modes switched by the attention pattern: ``ar``
+(causal), ``diffusion`` (block diffusion), ``linear_spec`` (self-speculation) and
+``quadratic_spec`` (draft and verify fused). docs/ARCHITECTURE.md maps the code.
 """
 
-from .model.config import CheckpointError, ModelConfig
-from .engine.engine import AsyncEngine, AutoPolicy
+from .engine import AsyncEngine, AutoPolicy
 from .entrypoints.llm import LLM, StreamChunk
+from .model.config import CheckpointError, ModelConfig
 from .outputs import ForwardTrace, RequestMetrics, RequestOutput
 from .params import MODES, SamplingParams
 

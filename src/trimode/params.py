@@ -28,7 +28,7 @@ class SamplingParams:
 
     mode: ``"ar"`` (causal, one token per forward), ``"diffusion"`` (block diffusion, spec 3),
         ``"linear_spec"`` (self-speculation, spec 5.1) or ``"quadratic_spec"`` (draft and
-        verify fused in one forward, spec 5.5; see ``decoding/quadratic.py``) or ``"auto"``
+        verify fused in one forward, spec 5.5; see ``decoding/quadratic_spec.py``) or ``"auto"``
         (the engine picks ``ar`` or its parallel mode from the load at admission; see
         ``engine.AutoPolicy``). The output is always exactly what the chosen mode gives.
     max_tokens: generated-token limit, >= 1. Never exceeded in any mode.

@@ -48,7 +48,7 @@ def _modes(text: str) -> tuple[str, ...]:
 
 def add_parser(sub) -> None:
     """Register the ``bench`` subcommand on the ``trimode`` subparsers."""
-    from ..entrypoints.cli.main import threshold_arg
+    from ..entrypoints.cli.common import threshold_arg
 
     p = sub.add_parser("bench", help="per-mode, per-category benchmarks",
                        description="Decode a prompt set in every mode; print per-mode, "
@@ -97,7 +97,7 @@ def config_from(args):
                            peer=None if args.peer == "none" else args.peer,
                            sol=not args.no_sol, sol_budget=args.sol_budget)
     except ValueError as exc:
-        from ..entrypoints.cli.main import UsageError
+        from ..entrypoints.cli.common import UsageError
 
         field, _, rest = str(exc).partition(" ")
         raise UsageError(f"--{field.replace('_', '-')} {rest}") from None
@@ -107,7 +107,7 @@ def run(args) -> int:
     """The ``bench`` subcommand body; returns the exit code."""
     import torch
 
-    from ..entrypoints.cli.main import UsageError, load
+    from ..entrypoints.cli.common import UsageError, load
     from . import datasets, report, suite
 
     config = config_from(args)

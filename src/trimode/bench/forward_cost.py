@@ -97,7 +97,7 @@ def forward_cost(model, prefix: int = 128, widths=WIDTHS, batch_size: int = 1,
 def decode_speed(model, mode: str, batch_size: int, max_tokens: int, block_length: int,
                  prompt_length: int = 64, seed: int = 0) -> dict:
     """tokens/s, nfe and tokens_per_forward of one batch of random prompts, stops off."""
-    from ..engine.model_runner import decode
+    from ..engine.decode import decode
     from ..decoding.sequence import Sequence
 
     vocab = model.config.vocab_size

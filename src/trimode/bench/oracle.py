@@ -5,7 +5,7 @@ Definitions (one block, slots ``0 .. L-1``; slot 0 holds the AR seed and is neve
 
 - *predict(block)*: one bidirectional, read-only forward of the block after the cached
   prefix; per slot the greedy candidate (mask id excluded) and its confidence, the
-  un-tempered softmax over the full vocabulary (spec 3.3, ``trimode.sampling``).
+  un-tempered softmax over the full vocabulary (spec 3.3, ``trimode.decoding.sampling``).
 - *serial target* Y: start from ``[seed, MASK x (L-1)]`` and unmask, per forward, only the
   masked slot of highest confidence (``torch.topk``, as ``DiffusionStrategy`` with
   ``threshold=None``, whose quota is 1 per pass) until the block is *finished*: every slot

@@ -135,7 +135,7 @@ def ensure_rows(llm, rows: int) -> None:
     at once (one batch, not a queue)."""
     import dataclasses
 
-    from ..engine.engine import Engine
+    from ..engine import Engine
 
     if llm.engine.config.max_num_seqs < rows:
         llm.engine = Engine(llm.model, dataclasses.replace(llm.engine.config, max_num_seqs=rows))

@@ -31,7 +31,7 @@ def default_auto_policy():
     """``mode="auto"`` for the embedded model: ``ar`` at every load. Measured with the shipped
     adapter on the 2-core CPU (benchmarks/RESULTS.md, "Engine"): ar's tokens/s beat every
     parallel mode at concurrency 1, 4, 16 and 64, so the parallel modes never pay here."""
-    from ..engine.engine import AutoPolicy
+    from ..engine import AutoPolicy
 
     return AutoPolicy("linear_spec", max_parallel_batch=0)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .ar import ar_token
 from .sampling import pick, target_log_probs
 from .sequence import Sequence, Step
-from .strategies import LinearSpecStrategy, ar_token
+from .strategy import Strategy
+from .verify import accept
 
 
 def quadratic_layout(verify_length: int, block_length: int,
@@ -56,7 +58,7 @@ def quadratic_layout(verify_length: int, block_length: int,
     return attention, offsets
 
 
-class QuadraticSpecStrategy(LinearSpecStrategy):
+class QuadraticSpecStrategy(Strategy):
     """One forward per cycle. Verification rules are linear_spec's (exact match at
     temperature 0, speculative sampling otherwise), so the output equals ``ar``'s.
 
@@ -65,6 +67,9 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
     for every outcome (B + B^2 tokens per forward). When the verify lands on an outcome without a segment, the next cycle
     verifies the bonus alone and drafts again.
     """
+
+    mode = "quadratic_spec"
+    shrink_hint = "block_length or draft_segments"
 
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
         seed = ar_token(seq, logits)
@@ -100,7 +105,7 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
 
     def update(self, seq: Sequence, logits: torch.Tensor) -> None:
         verify_length = len(self.block)
-        accepted = self._accept(seq, logits[:verify_length])
+        accepted = accept(seq, self.block, self.draft_log_probs, logits[:verify_length])
         c = len(accepted) - 1
         if verify_length > 1:  # a bonus-only cycle has one outcome and says nothing
             self.last_accepted = c
@@ -124,3 +129,14 @@ class QuadraticSpecStrategy(LinearSpecStrategy):
             logp = target_log_probs(segment.cpu(), seq.params, seq.mask_token_id)
             log_probs = {i + 1: logp[i] for i in range(len(drafts))}
         return drafts, log_probs
+
+    @classmethod
+    def scratch_slots(cls, block_length: int, max_tokens: int,
+                      draft_segments: int | None) -> int:
+        block_length = min(block_length, max_tokens)  # blocks shrink to the tokens still needed
+        segments = block_length if draft_segments is None else min(draft_segments, block_length)
+        return block_length + segments * block_length + 1
+
+    @classmethod
+    def step_width(cls, block_length: int, max_tokens: int, draft_segments: int | None) -> int:
+        return cls.scratch_slots(block_length, max_tokens, draft_segments) - 1

@@ -1,1 +1,15 @@
-"""The serving engine: config, auto policy, scheduler, KV pool, model runner, async front end."""
+"""The serving engine: config, auto policy, scheduler, KV pool, model runner, async front end.
+
+``engine.py`` steps requests (continuous batching); ``scheduler.py`` decides who runs;
+``model_runner.py`` runs the packed forward; ``kv_pool.py`` owns KV rows; ``prefix.py``
+shares prompt KV; ``auto.py`` is the ``mode="auto"`` policy; ``async_engine.py`` the
+thread front end for servers; ``decode.py`` runs a fixed batch.
+"""
+
+from .async_engine import AsyncEngine
+from .auto import AutoPolicy
+from .config import EngineConfig
+from .engine import Engine
+from .request import RequestUpdate, to_output
+
+__all__ = ["AsyncEngine", "AutoPolicy", "Engine", "EngineConfig", "RequestUpdate", "to_output"]

@@ -1,44 +1,23 @@
-"""Packing of Steps into one batched forward, and ``decode`` for a fixed set of requests.
+"""The model runner: packs every row's Step into one batched forward and returns the logits.
 
-``forward_rows`` packs every row's Step into one forward (rows right-padded to the longest;
-each row keeps its own attention kind, cache write flag and adapter flags) and returns the
-logits. The stepping itself lives in ``engine.py``; ``decode`` runs a fixed batch on it.
-Knows nothing about modes beyond the Step interface.
+``forward_rows`` right-pads rows to the longest (each row keeps its own attention kind, cache
+write flag and adapter flags); ``run`` adds the check the engine needs (rows whose logits hold
+NaN or +inf). The stepping itself lives in ``engine.py``. Knows nothing about modes beyond
+the Step interface.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from ..model.model import TriModeModel
-from ..decoding.sequence import Sequence, Step
-from ..decoding.registry import scratch_slots
+from ..decoding.sequence import Step
 
 
-def decode(model: TriModeModel, seqs: list[Sequence],
-           on_step: Callable[[Sequence], None] | None = None) -> None:
-    """Decode pre-built ``seqs`` to completion in place, all admitted together (one prefill
-    forward, then one packed forward per step) on a :class:`~trimode.engine.Engine` sized
-    for exactly them. ``on_step(seq)`` is called after every forward a request took part in.
-    """
-    from .engine import Engine, EngineConfig
-
-    if not seqs:
-        return
-    need = max(len(s.prompt_ids) + -(-s.params.max_tokens // s.block_length) * s.block_length
-               + scratch_slots(s.params.mode, s.block_length, s.params.max_tokens,
-                               s.params.draft_segments) for s in seqs)
-    # every row may be padded to the widest row (stub models check this strictly)
-    engine = Engine(model, EngineConfig(max_num_seqs=len(seqs), max_model_len=2 * need,
-                                        scratch_tokens=need,
-                                        max_num_batched_tokens=10**9), check_context=False)
-    for s in seqs:
-        s.on_step = on_step
-        engine.add_sequence(s)
-    while engine.has_unfinished():
-        engine.step()
+def run(model: TriModeModel, cache, steps: list[Step], prefill: bool):
+    """``forward_rows``, plus one flag per row: True where its logits hold NaN or +inf."""
+    logits = forward_rows(model, cache, steps, prefill)
+    return logits, [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in logits]
 
 
 def forward_rows(model: TriModeModel, cache, steps: list[Step],

@@ -17,7 +17,7 @@ from typing import Sequence as Seq
 import torch
 
 from ..decoding.sequence import Sequence
-from ..engine.engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
+from ..engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
 from ..checkpoint.loader import load_model
 from ..multimodal.image import ImageLimits
 from ..multimodal.prompt import chat_prompt, check_tokenizer
@@ -202,7 +202,7 @@ class LLM:
     async def astream(self, prompt: Prompt, params: SamplingParams | None = None):
         """Async variant of ``stream`` over an AsyncEngine (created on first use): yields
         RequestUpdates. Leaving the loop early cancels the request."""
-        from ..engine.engine import AsyncEngine
+        from ..engine import AsyncEngine
 
         ids = self._prompt_ids(prompt)
         engine = self._async or AsyncEngine(self)

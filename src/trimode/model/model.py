@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import ForwardBatch, KVCache, build_forward_batch
+from .attention import ForwardBatch, build_forward_batch
+from .kv_cache import KVCache
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 

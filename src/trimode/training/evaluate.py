@@ -3,7 +3,7 @@ linear_spec acceptance_length on held-out prompts, through the real decoding loo
 
 from __future__ import annotations
 
-from ..engine.model_runner import decode
+from ..engine.decode import decode
 from ..decoding.sequence import Sequence
 from ..model.model import TriModeModel
 from ..params import SamplingParams

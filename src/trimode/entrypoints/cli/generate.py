@@ -1,4 +1,5 @@
-"""The bodies of ``trimode generate`` and ``trimode chat``: stream one answer to the terminal.
+"""``trimode generate`` and ``trimode chat``: flags -> SamplingParams, then stream one answer
+(or a chat loop) to the terminal.
 
 Text is printed as it is committed (``LLM.stream`` / ``LLM.stream_chat``), in every mode;
 ``--json`` prints one object at the end; ``--visual`` draws the live view on a terminal (and
@@ -10,6 +11,7 @@ from, never an internal error. Knows nothing about decoding beyond ``LLM``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from contextlib import nullcontext
@@ -18,10 +20,41 @@ from rich.console import Console
 from rich.text import Text
 
 from ...checkpoint.tokenizer import check_text
+from ...params import SamplingParams
+from .common import UsageError
 from .visual import LiveView
+
+DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
+DEFAULT = object()  # --threshold not given: the mode's own default
+FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
+         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
+         "block_length": "--block-length", "threshold": "--threshold",
+         "draft_segments": "--draft-segments"}
 
 COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation history",
             "/exit": "quit (end of input quits too)"}
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    threshold = args.threshold
+    if threshold is DEFAULT:
+        threshold = DIFFUSION_THRESHOLD if args.mode == "diffusion" else None
+    try:
+        return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, block_length=args.block_length, threshold=threshold,
+                              draft_segments=args.draft_segments)
+    except ValueError as exc:
+        raise UsageError(flag_message(exc)) from None
+
+
+def flag_message(exc: ValueError) -> str:
+    """A SamplingParams error in the command line's words: the flag for the field, 'none'
+    for None."""
+    field, _, rest = str(exc).partition(" ")
+    if field not in FLAGS:
+        return str(exc)
+    return f"{FLAGS[field]} " + rest.replace(" or None", " or 'none'")
 
 
 class Interrupted(KeyboardInterrupt):

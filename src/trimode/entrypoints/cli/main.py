@@ -1,41 +1,35 @@
-"""The ``trimode`` command line: ``trimode generate PROMPT`` and ``trimode chat``.
+"""The ``trimode`` command line: the parser of every subcommand and the entry point.
+
+``generate`` and ``chat`` live in ``generate.py``, ``serve`` in ``entrypoints/server/cli.py``,
+``bench`` in ``bench/cli.py``, ``train`` in ``training/cli.py``; shared flag parsing and the
+one-line ``UsageError`` in ``common.py``.
 
 Parses flags into a validated SamplingParams before any model is loaded, so a bad flag
 fails in well under a second with one line ``error: ...`` (exit 2), never a traceback
-(B25). stdout carries only the answer, printed as it is committed (or one JSON object per
-answer with ``--json``); loading, the metrics summary and the ``--visual`` live view go to
-stderr, or the live view to a terminal stdout. A subcommand whose optional extra is missing
-names the pip command before doing any work (``extras.require``). The generate / chat bodies
-are in ``generate``.
+(docs/cases.md B25). stdout carries only the answer, printed as it is committed (or one JSON
+object per answer with ``--json``); loading, the metrics summary and the ``--visual`` live
+view go to stderr, or the live view to a terminal stdout. A subcommand whose optional extra is
+missing names the pip command before doing any work (``extras.require``). Knows nothing about
+decoding beyond ``LLM``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from contextlib import redirect_stdout
 
 from rich.console import Console
-from rich.text import Text
 
 from ...extras import require
-from ...params import MODES, SamplingParams
+from ...params import MODES
 from ..server.cli import add_serve_parser
-from .generate import Interrupted, chat_loop, decode_input, run_one, summary, user_text
+from .common import Parser, UsageError, load, one_line, segments_arg, threshold_arg
+from .generate import (DEFAULT, DIFFUSION_THRESHOLD, Interrupted, chat_loop, decode_input,
+                       run_one, sampling_params, summary, user_text)
 from .visual import MASK_GLYPH, LiveView
 
-__all__ = ["main", "build_parser", "sampling_params", "load", "run_one", "chat_loop", "summary",
-           "UsageError", "LiveView", "MASK_GLYPH"]
-
-DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
-DEFAULT = object()  # --threshold not given: the mode's own default
-FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
-         "block_length": "--block-length", "threshold": "--threshold",
-         "draft_segments": "--draft-segments"}
-
+__all__ = ["main", "build_parser", "UsageError", "load", "summary", "LiveView", "MASK_GLYPH"]
 
 EXAMPLES = """flags: trimode generate --help, trimode chat --help
 
@@ -47,33 +41,6 @@ examples:
 
 exit codes: 0 ok, 2 bad flag/input/checkpoint (one line on stderr), 130 interrupted
 """
-
-
-class UsageError(ValueError):
-    """A flag or input problem found by the CLI itself."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise UsageError(f"{message} (see '{self.prog} --help')")
-
-
-def threshold_arg(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none'; got {text!r}")
-
-
-def segments_arg(text: str) -> int | None:
-    if text.lower() == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all'; got {text!r}") from None
 
 
 def build_parser() -> Parser:
@@ -148,65 +115,6 @@ def build_parser() -> Parser:
 
     add_train_parser(sub, Parser)
     return parser
-
-
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    threshold = args.threshold
-    if threshold is DEFAULT:
-        threshold = DIFFUSION_THRESHOLD if args.mode == "diffusion" else None
-    try:
-        return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, block_length=args.block_length, threshold=threshold,
-                              draft_segments=args.draft_segments)
-    except ValueError as exc:
-        raise UsageError(flag_message(exc)) from None
-
-
-def flag_message(exc: ValueError) -> str:
-    """A SamplingParams error in the command line's words: the flag for the field, 'none'
-    for None."""
-    field, _, rest = str(exc).partition(" ")
-    if field not in FLAGS:
-        return str(exc)
-    return f"{FLAGS[field]} " + rest.replace(" or None", " or 'none'")
-
-
-def load(args: argparse.Namespace, stderr: Console):
-    """The LLM, with anything a library prints kept off stdout."""
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: CUDA is not available in this torch build/machine")
-    from ... import LLM, CheckpointError
-
-    with redirect_stdout(sys.stderr):
-        model = args.model
-        if model is None:
-            from ...checkpoint.embedded import default_model_dir
-
-            model = default_model_dir(progress=stderr.is_terminal)
-        try:
-            with stderr.status(f"Loading {model}"):
-                return LLM(args.model, dtype=args.dtype, device=args.device,
-                           draft_adapter=args.draft_adapter, progress=False)
-        except CheckpointError as exc:
-            raise UsageError(f"{_culprit(exc)}: {exc}") from None
-
-
-def _culprit(exc: BaseException) -> str:
-    """The flag whose file failed: the draft adapter loads after the model (adapter.py)."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(os.sep + "adapter.py"):
-            return "--draft-adapter"
-        tb = tb.tb_next
-    return "--model"
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split("\n")).strip() or type(exc).__name__
 
 
 def _main(argv: list[str] | None) -> int:

@@ -41,7 +41,7 @@ class LiveView:
         fresh = max(0, min(self.seen, len(generated)))
         self.seen = len(generated)
         block = self.pending(seq)
-        phase = "done" if seq.finished else getattr(strategy, "phase", "decode")
+        phase = "done" if seq.finished or strategy is None else strategy.phase
         header = Text(f"{seq.params.mode} · {phase} · nfe {seq.metrics.nfe} · "
                       f"{len(generated)} tokens committed", style="dim")
         old, new = self.decode(generated[:fresh]), self.decode(generated)
@@ -60,15 +60,10 @@ class LiveView:
 
     @staticmethod
     def pending(seq) -> list[int]:
-        """Block tokens not yet committed (diffusion's block[0] is its uncommitted seed;
-        linear_spec's block[0] is already committed)."""
-        strategy = seq.strategy
-        block = list(getattr(strategy, "block", None) or [])
-        if seq.finished or not block:
+        """Block tokens not yet committed, as the request's strategy names them."""
+        if seq.finished or seq.strategy is None:
             return []
-        if seq.params.mode == "diffusion":
-            return [] if strategy.phase == "commit" else block[: getattr(strategy, "limit", None)]
-        return block[1:]
+        return seq.strategy.pending(seq)
 
     def piece(self, prev: int | None, tok: int) -> str:
         """Text of ``tok`` after ``prev`` (keeps the leading space SentencePiece drops alone)."""

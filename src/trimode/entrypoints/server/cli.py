@@ -69,7 +69,7 @@ def add_serve_parser(sub, threshold_arg) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Load, start the engine, serve until interrupted. Raises UsageError for bad flags."""
-    from ..cli.main import UsageError
+    from ..cli.common import UsageError
 
     server_config(args, None)  # bad defaults fail before the model loads
     if args.max_batch_size < 1:
@@ -82,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ... import LLM
-    from ...engine.engine import AsyncEngine
+    from ...engine import AsyncEngine
     from .app import build_app
 
     model = args.model
@@ -115,8 +115,8 @@ def serve(args: argparse.Namespace) -> int:
 def auto_policy(args: argparse.Namespace):
     """The AutoPolicy the --auto-* flags ask for, or None (the LLM's default). Raises
     UsageError for bad values."""
-    from ..cli.main import UsageError
-    from ...engine.engine import AutoPolicy
+    from ..cli.common import UsageError
+    from ...engine import AutoPolicy
 
     if args.auto_crossover is not None:
         if args.auto_parallel_mode is not None or args.auto_max_parallel_batch is not None:
@@ -140,7 +140,7 @@ def auto_policy(args: argparse.Namespace):
 def server_config(args: argparse.Namespace, llm, model=None):
     """The request defaults from the flags, checked through SamplingParams (UsageError
     naming the flag). With ``llm``, the full ServerConfig."""
-    from ..cli.main import UsageError
+    from ..cli.common import UsageError
     from ...params import SamplingParams
 
     try:

@@ -1,0 +1,110 @@
+"""diffusion (docs/spec.md section 3): blocks ``[seed, MASK x (block_length - 1)]``;
+bidirectional, read-only denoising passes (the draft adapter on when it is a denoising adapter
+too); a causal commit pass (adapter off) writes clean KV and gives the next seed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ar import ar_token
+from .sampling import confidence, pick
+from .sequence import Sequence, Step
+from .strategy import Strategy
+
+
+def even_schedule(masks: int, steps: int) -> list[int]:
+    """Tokens to unmask at each step when ``threshold`` is None (spec 3.3 quota)."""
+    base, extra = divmod(masks, steps)
+    return [base + (1 if s < extra else 0) for s in range(steps)]
+
+
+class DiffusionStrategy(Strategy):
+    """Block diffusion with the reference's selection rule (spec 3.2, 3.3, 3.5).
+
+    The last block keeps its full ``block_length`` (so a shorter ``max_tokens`` returns a
+    prefix of a longer run); denoising stops once every slot within the limit is unmasked
+    or a stop token has no mask to its left, and the finished row skips the commit pass.
+    """
+
+    mode = "diffusion"
+
+    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
+        seed = ar_token(seq, logits)
+        seq.record("prefill", [0], [seed])
+        self._new_block(seq, seed)
+
+    def _new_block(self, seq: Sequence, seed: int) -> None:
+        length = seq.block_length
+        self.offset = len(seq.generated)
+        self.block = [seed] + [seq.mask_token_id] * (length - 1)
+        self.limit = min(length, seq.remaining)
+        self.schedule = even_schedule(length - 1, length)
+        self.passes = 0
+        self._finish_block_if_done(seq)
+
+    def _finish_block_if_done(self, seq: Sequence) -> None:
+        mask_id = seq.mask_token_id
+        first_mask = next((i for i, t in enumerate(self.block) if t == mask_id), len(self.block))
+        stop = next((i for i in range(first_mask) if self.block[i] in seq.stop_ids), None)
+        if stop is not None and stop < self.limit:
+            end = stop + 1
+        elif first_mask >= self.limit:
+            end = self.limit
+        else:
+            self.phase = "denoise"
+            return
+        seq.commit(self.block[:end])
+        self.phase = "commit"
+
+    def next_step(self, seq: Sequence) -> Step:
+        if self.phase == "denoise":
+            return Step(list(self.block), "denoise", bidirectional=True, write=False,
+                        adapter=seq.denoise_adapter)
+        return Step(list(self.block), "commit")
+
+    def update(self, seq: Sequence, logits: torch.Tensor) -> None:
+        if self.phase == "commit":
+            seed = ar_token(seq, logits)
+            seq.record("commit", [self.offset + len(self.block)], [seed])
+            self._new_block(seq, seed)
+            return
+        chosen = self._select(seq, logits)
+        seq.record("denoise", [self.offset + i for i in chosen], [self.block[i] for i in chosen])
+        self._finish_block_if_done(seq)
+
+    def _select(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
+        """Unmask the most confident masked slot plus every one reaching ``threshold``."""
+        params = seq.params
+        masked = torch.tensor([t == seq.mask_token_id for t in self.block])
+        cand = pick(logits, params, seq.mask_token_id, seq.generator)
+        conf = confidence(logits, cand).masked_fill(~masked, float("-inf"))
+        if params.threshold is None:
+            quota = max(self.schedule[min(self.passes, len(self.schedule) - 1)], 1)
+            chosen = torch.topk(conf, min(quota, int(masked.sum()))).indices.tolist()
+        else:
+            order = torch.topk(conf, int(masked.sum())).indices.tolist()
+            chosen = [order[0]] + [i for i in order[1:] if float(conf[i]) >= params.threshold]
+        self.passes += 1
+        for i in chosen:
+            self.block[i] = int(cand[i])
+            seq.note(self.offset + i, logits[i], self.block[i])
+        return sorted(chosen)
+
+    @classmethod
+    def scratch_slots(cls, block_length: int, max_tokens: int,
+                      draft_segments: int | None) -> int:
+        return 2 * block_length + 1
+
+    @classmethod
+    def step_width(cls, block_length: int, max_tokens: int, draft_segments: int | None) -> int:
+        return block_length
+
+    @classmethod
+    def generated_positions(cls, block_length: int, max_tokens: int) -> int:
+        """The last block is denoised at full length (docs/cases.md B04, B27)."""
+        return -(-max_tokens // block_length) * block_length
+
+    def pending(self, seq: Sequence) -> list[int]:
+        """block[0] is the uncommitted seed; nothing is pending while committing."""
+        return [] if self.phase == "commit" else self.block[: getattr(self, "limit", None)]

@@ -1,0 +1,55 @@
+"""The limits of one engine (``EngineConfig``), validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .auto import AutoPolicy
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one engine.
+
+    max_num_seqs: requests decoded concurrently (rows of the KV pool), >= 1.
+    max_model_len: positions one request may hold: prompt + generation (diffusion rounds
+        it up to whole blocks). None: the checkpoint's context limit, capped at 4096.
+    scratch_tokens: extra positions per row for what a forward writes beyond the committed
+        text (drafts, denoised blocks: ``decoding.registry.scratch_slots``, 2 * block_length + 1
+        for diffusion and linear_spec); a request needing more is rejected (smaller
+        block_length or draft_segments).
+    kv_cache_memory: bytes for the KV pool; None: exactly max_num_seqs rows. When given,
+        the pool holds ``min(max_num_seqs, kv_cache_memory // bytes_per_row)`` rows and
+        raises ValueError if not even one row fits.
+    max_num_batched_tokens: query tokens per step: the prompts prefilled in one step plus
+        the widest step of every running request must fit; a prompt longer than this is
+        rejected.
+    min_shared_prefix: a new request whose prompt shares at least this many leading tokens
+        with a running request's prompt copies their KV instead of recomputing it (prefix
+        sharing); 0 turns it off.
+    auto: the policy for ``mode="auto"``.
+    """
+
+    max_num_seqs: int = 16
+    max_model_len: int | None = None
+    kv_cache_memory: int | None = None
+    max_num_batched_tokens: int = 8192
+    scratch_tokens: int = 256
+    min_shared_prefix: int = 16
+    auto: AutoPolicy = field(default_factory=AutoPolicy)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "scratch_tokens"):
+            check_int(name, getattr(self, name), 1)
+        if self.max_model_len is not None:
+            check_int("max_model_len", self.max_model_len, 1)
+        if self.kv_cache_memory is not None:
+            check_int("kv_cache_memory", self.kv_cache_memory, 1)
+        check_int("min_shared_prefix", self.min_shared_prefix, 0)
+        if not isinstance(self.auto, AutoPolicy):
+            raise ValueError(f"auto must be an AutoPolicy; got {self.auto!r}")
+
+
+def check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")

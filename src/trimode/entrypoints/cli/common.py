@@ -1,0 +1,75 @@
+"""What every ``trimode`` subcommand shares: the one-line UsageError, the parser that raises
+it, flag value parsers, and loading the LLM with stdout kept clean."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import redirect_stdout
+
+from rich.console import Console
+
+
+class UsageError(ValueError):
+    """A flag or input problem found by the CLI itself."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def threshold_arg(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'none'; got {text!r}")
+
+
+def segments_arg(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all'; got {text!r}") from None
+
+
+def load(args: argparse.Namespace, stderr: Console):
+    """The LLM, with anything a library prints kept off stdout."""
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: CUDA is not available in this torch build/machine")
+    from ... import LLM, CheckpointError
+
+    with redirect_stdout(sys.stderr):
+        model = args.model
+        if model is None:
+            from ...checkpoint.embedded import default_model_dir
+
+            model = default_model_dir(progress=stderr.is_terminal)
+        try:
+            with stderr.status(f"Loading {model}"):
+                return LLM(args.model, dtype=args.dtype, device=args.device,
+                           draft_adapter=args.draft_adapter, progress=False)
+        except CheckpointError as exc:
+            raise UsageError(f"{_culprit(exc)}: {exc}") from None
+
+
+def _culprit(exc: BaseException) -> str:
+    """The flag whose file failed: the draft adapter loads after the model (adapter.py)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.sep + "adapter.py"):
+            return "--draft-adapter"
+        tb = tb.tb_next
+    return "--model"
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split("\n")).strip() or type(exc).__name__

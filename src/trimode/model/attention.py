@@ -1,0 +1,75 @@
+"""The attention metadata of one forward: positions, cache write slots and the mask.
+
+``build_forward_batch`` turns per-row lengths, real-token counts and the attention kind
+(causal, block-bidirectional, or an explicit fused pattern) into a :class:`ForwardBatch`
+shared by every layer (docs/spec.md section 2.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import KVCache
+
+
+@dataclass
+class ForwardBatch:
+    """What one forward needs besides token ids; built once and shared by all layers.
+
+    ``positions`` ``[B, T]``: absolute position of each query (row length + offset).
+    ``write_index``: (row, slot) pairs where this call's keys/values are stored.
+    ``mask`` ``[B, 1, T, S]`` bool: which of the first ``S`` cache slots each query may see.
+    ``adapter_rows`` ``[B, T, 1]`` float or None: 1.0 where the draft adapter is on
+    (``[N, 1]`` over the real tokens when ``real`` is set).
+    """
+
+    cache: KVCache
+    positions: torch.Tensor
+    mask: torch.Tensor
+    adapter_rows: torch.Tensor | None
+    write_index: tuple[torch.Tensor, torch.Tensor]
+    real: torch.Tensor | None = None  # [B, T] bool when rows are ragged (see model.py)
+
+
+def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: torch.Tensor,
+                        tokens: int, adapter_rows: torch.Tensor | None = None,
+                        attention: torch.Tensor | None = None,
+                        offsets: torch.Tensor | None = None) -> ForwardBatch:
+    """Positions, write slots and attention mask for a call of ``tokens`` query slots per row.
+
+    Row b has ``n_valid[b]`` real queries (right-padded to ``tokens``), written to cache slots
+    ``length .. length + tokens - 1``. Query t may see: the row's cached prefix; its own slot;
+    and the row's real new keys u: all of them when ``bidirectional[b]`` (denoise/draft:
+    spec 2.2), those with u <= t when causal, or exactly ``attention[b, t, u]`` when an
+    explicit ``[B, T, T]`` bool pattern is given (fused layouts). ``offsets`` ``[B, T]``
+    sets each query's position relative to the row length (default ``0 .. T-1``).
+    Raises ValueError when a row's real tokens would outgrow the cache capacity (padding
+    may run past it: its writes land in the last slot and nothing reads them).
+    """
+    lengths = cache.lengths
+    if int((lengths + n_valid).max()) > cache.capacity:
+        raise ValueError(f"KV cache capacity {cache.capacity} exceeded")
+    device = lengths.device
+    slots = torch.arange(tokens, device=device)
+    real = slots[None, :] < n_valid[:, None]  # [B, T]
+    if attention is None:
+        causal = slots[None, :, None] >= slots[None, None, :]  # [1, T(query), T(key)]
+        attention = bidirectional[:, None, None] | causal
+    visible_new = attention & real[:, None, :]
+    visible_new = visible_new | torch.eye(tokens, dtype=torch.bool, device=device)[None]
+    span = min(int((lengths + tokens).max()), cache.capacity)
+    j = torch.arange(span, device=device)
+    prefix = (j[None, :] < lengths[:, None])[:, None, :].expand(-1, tokens, -1)
+    rel = (j[None, :] - lengths[:, None]).clamp(0, tokens - 1)  # [B, S]
+    in_call = (j[None, :] >= lengths[:, None]) & (j[None, :] < lengths[:, None] + tokens)
+    new = torch.gather(visible_new, 2, rel[:, None, :].expand(-1, tokens, -1)) & in_call[:, None, :]
+    mask = prefix | new
+    write_slots = lengths[:, None] + slots[None, :]
+    # Right padding of a short row may run past its capacity: those (ignored) writes go to
+    # the last slot, which a pool row never fills with real keys (KVPool keeps it spare).
+    write_slots = torch.where(real, write_slots, write_slots.clamp(max=cache.capacity - 1))
+    positions = lengths[:, None] + (slots[None, :] if offsets is None else offsets)
+    rows = torch.arange(lengths.shape[0], device=device)[:, None].expand(-1, tokens)
+    return ForwardBatch(cache, positions, mask[:, None], adapter_rows, (rows, write_slots))
