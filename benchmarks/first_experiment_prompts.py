@@ -1,5 +1,5 @@
 """linear_spec acceptance of the shipped adapter on the first draft-adapter experiment's 8
-prompts (../shared/spec/draft-adapter-experiment.md: gsm_symbolic seed 999 #0-2, HumanEval
+prompts (docs/draft-adapter-experiment.md: gsm_symbolic seed 999 #0-2, HumanEval
 #0, #10, #20 as "Complete the following Python function", two instructions; 48 tokens),
 reconstructed from that document's description, against ar on the same prompts.
 

@@ -1,6 +1,7 @@
 """Stub tri-mode models for decoding tests: the hidden state IS the logits.
 
-A stub obeys the model interface ``decode`` uses (``device``, ``dtype``, ``config``,
+A stub follows the model protocol the engine declares
+(``trimode.engine.model_runner.DecodingModel``: ``device``, ``dtype``, ``config``,
 ``new_cache``, ``__call__``, ``logits``) but computes logits from a deterministic toy
 language instead of weights:
 
@@ -208,8 +209,8 @@ class StubModel:
         self.calls: list[list[dict]] = []  # per forward, per row: what the row asked for
         self.max_forwards = max_forwards
 
-    def new_cache(self, rows: int, capacity: int) -> KVCache:
-        self.cache = KVCache(1, rows, 1, 1, capacity, torch.float64, self.device)
+    def new_cache(self, rows: int, capacity: int, zeroed: bool = True) -> KVCache:
+        self.cache = KVCache(1, rows, 1, 1, capacity, torch.float64, self.device, zeroed)
         return self.cache
 
     @staticmethod
@@ -329,8 +330,8 @@ class ContextFreeStub:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
-    def new_cache(self, rows: int, capacity: int) -> KVCache:
-        return KVCache(1, rows, 1, 1, capacity, torch.float32, self.device)
+    def new_cache(self, rows: int, capacity: int, zeroed: bool = True) -> KVCache:
+        return KVCache(1, rows, 1, 1, capacity, torch.float32, self.device, zeroed)
 
     def __call__(self, tokens, cache, n_valid, bidirectional, write, adapter,
                  attention=None, offsets=None) -> torch.Tensor:

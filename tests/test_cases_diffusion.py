@@ -22,7 +22,10 @@ PROMPT = [9, 8, 7]
 
 
 def diffusion(**kw) -> SamplingParams:
+    """Diffusion params for these cases: the even schedule (threshold None) unless a case
+    names a threshold (SamplingParams' own default is defaults.THRESHOLD["diffusion"])."""
     kw.setdefault("trace", True)
+    kw.setdefault("threshold", None)
     return SamplingParams(mode="diffusion", **kw)
 
 

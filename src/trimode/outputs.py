@@ -33,7 +33,7 @@ class TokenLogprob:
 @dataclass
 class RequestMetrics:
     """nfe: every forward the request took part in, the prefill included (this equals the
-    reference's count in all three modes: spec 3.6, 4, 5.1; see README "Metrics").
+    reference's count in all three modes: docs/spec.md 3.6, 4, 5.1; see README "Metrics").
     tokens_per_forward: generated tokens (a final stop token included) / nfe.
     acceptance_length: mean tokens committed per verify, bonus included (linear_spec only).
     latency_s: wall-clock seconds from the request's arrival to its end.

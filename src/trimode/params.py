@@ -1,7 +1,8 @@
 """Per-request decoding settings, validated at construction.
 
 Every knob is per request (mode, block_length, threshold, temperature, ...). Invalid values
-raise ValueError naming the field and its allowed range, NaN included (B25).
+raise :class:`FieldError` (a ValueError) naming the field and its allowed range, NaN included
+(docs/cases.md B25). Defaults come from ``defaults.py``, shared with the CLI and the server.
 """
 
 from __future__ import annotations
@@ -9,8 +10,32 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec", "auto")
-MAX_LOGPROBS = 20
+from .defaults import (AUTO, DRAFT_SEGMENTS, MAX_LOGPROBS, MAX_TOKENS, MODES, THRESHOLD)
+
+
+class FieldError(ValueError):
+    """A bad value of one request field: ``field`` (e.g. ``"top_p"``) and ``message`` (the
+    rule and the value). ``str()`` is ``"<field> <message>"``, so callers that show it
+    need not change; callers that map fields to flags or JSON params read ``field``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
+
+
+class _ModeDefault:
+    """The ``threshold`` a request gets when it gives none: ``defaults.THRESHOLD[mode]``
+    (``None`` stays the explicit request for diffusion's even schedule)."""
+
+    def __repr__(self) -> str:
+        return "MODE_DEFAULT"
+
+    def __reduce__(self) -> str:
+        return "MODE_DEFAULT"
+
+
+MODE_DEFAULT = _ModeDefault()
 
 
 class ParamError(ValueError):
@@ -38,8 +63,10 @@ class SamplingParams:
     block_length: diffusion block / draft window, >= 1; None means the checkpoint's
         ``block_size``.
     threshold: in [0, 1]; diffusion unmasks every masked slot whose confidence reaches it
-        (at least one per pass); None gives the even schedule (spec 3.3). For linear_spec
-        the draft threshold: 0 drafts in one pass (the reference default).
+        (at least one per pass); None gives the even schedule (docs/spec.md 3.3). For
+        linear_spec the draft threshold: 0 drafts in one pass (the reference default).
+        Not given: the mode's default from ``defaults.THRESHOLD`` (diffusion 0.9, the
+        speculative modes 0), resolved when the mode is (``auto``: at admission).
     draft_segments: quadratic_spec only: m >= 1 keeps draft segments for the m acceptance
         outcomes nearest the last acceptance (pruned layout, block_length * (m + 1) tokens
         per forward); None keeps one for every outcome (block_length + block_length^2).
@@ -52,21 +79,23 @@ class SamplingParams:
     """
 
     mode: str = "ar"
-    max_tokens: int = 128
+    max_tokens: int = MAX_TOKENS
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     block_length: int | None = None
-    threshold: float | None = None
-    draft_segments: int | None = 1
+    threshold: float | None = MODE_DEFAULT  # type: ignore[assignment]
+    draft_segments: int | None = DRAFT_SEGMENTS
     trace: bool = False
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+            raise FieldError("mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.threshold is MODE_DEFAULT and self.mode != AUTO:
+            object.__setattr__(self, "threshold", THRESHOLD[self.mode])
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_real("temperature", self.temperature, "must be 0 (greedy) or in [1e-4, inf)",
                     lambda v: v == 0 or v >= 1e-4)  # below 1e-4, z / T overflows to NaN
@@ -75,27 +104,27 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed, low=0)
             if self.seed >= 2**63:
-                raise ValueError(f"seed must be an integer in [0, 2**63); got {self.seed}")
+                raise FieldError("seed", f"must be an integer in [0, 2**63); got {self.seed}")
         if self.block_length is not None:
             _check_int("block_length", self.block_length, low=1)
-        if self.threshold is not None:
+        if self.threshold is not None and self.threshold is not MODE_DEFAULT:
             _check_real("threshold", self.threshold, "must be in [0, 1] or None",
                         lambda v: 0 <= v <= 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, low=0)
             if self.logprobs > MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}]; "
+                raise FieldError("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]; "
                                  f"got {self.logprobs}")
         if self.draft_segments is not None:
             _check_int("draft_segments", self.draft_segments, low=1)
         if self.mode == "quadratic_spec" and self.threshold not in (None, 0):
-            raise ValueError("threshold must be 0 or None for quadratic_spec (it drafts in one "
-                             f"pass); got {self.threshold}")
+            raise FieldError("threshold", "must be 0 or None for quadratic_spec (it drafts in "
+                             f"one pass); got {self.threshold}")
         if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
-            raise ValueError("stop_token_ids must be a list of integers >= 0; "
+            raise FieldError("stop_token_ids", "must be a list of integers >= 0; "
                              f"got {self.stop_token_ids!r}")
         if not isinstance(self.trace, bool):
-            raise ValueError(f"trace must be True or False; got {self.trace!r}")
+            raise FieldError("trace", f"must be True or False; got {self.trace!r}")
         ids = tuple(self.stop_token_ids)
         for i in ids:
             _check_int("stop_token_ids", i, low=0)
@@ -106,11 +135,11 @@ class SamplingParams:
 
 def _check_int(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+        raise FieldError(name, f"must be an integer >= {low}; got {value!r}")
 
 
 def _check_real(name: str, value: object, rule: str, ok) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} {rule}; got {value!r}")
+        raise FieldError(name, f"{rule}; got {value!r}")
     if math.isnan(value) or math.isinf(value) or not ok(value):
-        raise ValueError(f"{name} {rule}; got {value}")
+        raise FieldError(name, f"{rule}; got {value}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..params import MODES
+from ..defaults import MODES, THRESHOLD
 from .datasets import DATASETS
 
 EXAMPLES = """examples:
@@ -74,8 +74,9 @@ def add_parser(sub) -> None:
                    help="comma-separated (default: 1,4,16); per-category numbers use the smallest")
     b.add_argument("--block-lengths", type=_ints("--block-lengths"), default=(8,),
                    help="comma-separated, for the parallel modes (default: 8)")
-    b.add_argument("--threshold", type=threshold_arg, default=0.9, metavar="X|none",
-                   help="diffusion threshold in [0, 1], or 'none' (default: 0.9)")
+    b.add_argument("--threshold", type=threshold_arg, default=THRESHOLD["diffusion"],
+                   metavar="X|none", help="diffusion threshold in [0, 1], or 'none' "
+                   f"(default: {THRESHOLD['diffusion']})")
     b.add_argument("--max-tokens", type=int, default=64, metavar="N", help="(default: 64)")
     b.add_argument("--peer", choices=["transformers", "none"], default="none",
                    help="run transformers' generate on the same weights (default: none)")
@@ -108,6 +109,7 @@ def run(args) -> int:
     import torch
 
     from ..entrypoints.cli.common import UsageError, load
+    from ..decoding.registry import needs_mask
     from . import datasets, report, suite
 
     config = config_from(args)
@@ -129,7 +131,7 @@ def run(args) -> int:
         raise UsageError(f"--dataset {detail}") from None
     stderr = Console(stderr=True, highlight=False)
     llm = load(args, stderr)
-    if any(m != "ar" for m in config.modes) and llm.config.mask_token_id is None:
+    if any(needs_mask(m) for m in config.modes) and llm.config.mask_token_id is None:
         raise UsageError("--modes: this checkpoint has no mask_token_id; only ar can run")
     with stderr.status("benchmarking") as status:
         def log(line: str) -> None:

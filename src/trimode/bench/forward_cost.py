@@ -1,7 +1,7 @@
 """Forward latency against query tokens, and per-mode decode speed, on any model shape.
 
 ``python -m trimode.bench.forward_cost`` (run by ``benchmarks/gpu.sh``) builds a model with
-random weights of a named shape (``nld-8b``: NLD-8B's config, spec 1.2; ``tiny``: a few
+random weights of a named shape (``nld-8b``: NLD-8B's config, docs/spec.md 1.2; ``tiny``: a few
 layers, for a CPU smoke test) or loads a local checkpoint (``--model``), then measures
 
 - the time of one read-only forward of ``T`` query tokens after a ``--prefix``-token cached
@@ -97,15 +97,16 @@ def forward_cost(model, prefix: int = 128, widths=WIDTHS, batch_size: int = 1,
 def decode_speed(model, mode: str, batch_size: int, max_tokens: int, block_length: int,
                  prompt_length: int = 64, seed: int = 0) -> dict:
     """tokens/s, nfe and tokens_per_forward of one batch of random prompts, stops off."""
+    from ..decoding.registry import STRATEGIES
     from ..engine.decode import decode
     from ..decoding.sequence import Sequence
 
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     low = min(100, vocab // 2) + 1
+    blocks = STRATEGIES[mode].blocks
     params = SamplingParams(mode=mode, max_tokens=max_tokens,
-                            block_length=None if mode == "ar" else block_length,
-                            threshold=0.9 if mode == "diffusion" else None)
+                            block_length=block_length if blocks else None)
     block = params.block_length or model.config.block_size
     seqs = [Sequence(torch.randint(low, vocab - 1, (prompt_length,), generator=gen).tolist(),
                      params, set(), model.config.mask_token_id, block) for _ in range(batch_size)]

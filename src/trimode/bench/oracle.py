@@ -1,4 +1,4 @@
-"""Speed-of-light (SOL) oracle for block diffusion (spec 7.3): the fewest denoising forwards
+"""Speed-of-light (SOL) oracle for block diffusion (docs/spec.md 7.3): the fewest denoising forwards
 whose parallel commits reproduce exactly the serial one-token-per-forward output of a block.
 
 Definitions (one block, slots ``0 .. L-1``; slot 0 holds the AR seed and is never masked):

@@ -1,7 +1,7 @@
 """The peer: transformers' ``generate`` on trimode's very weights, same prompts, greedy.
 
 ``build_peer`` makes a transformers model of the checkpoint's geometry (``LlamaForCausalLM``
-for default RoPE, ``Ministral3ForCausalLM`` for NLD's YaRN + Llama-4 query scaling, spec 1.4)
+for default RoPE, ``Ministral3ForCausalLM`` for NLD's YaRN + Llama-4 query scaling, docs/spec.md 1.4)
 and loads trimode's tensors into it without copying (``encoder.*`` -> ``model.*``,
 ``diffusion_head`` -> ``lm_head``), in trimode's dtype and device (fp32 on CPU, bf16 on GPU).
 ``peer_generate`` runs a left-padded batch with EOS and the checkpoint's stop ids, the mask id

@@ -78,7 +78,7 @@ def sweep_rows(result: dict) -> list[list[str]]:
 def print_tables(result: dict, console: Console) -> None:
     for title, header, rows in (("Per mode and category", MODE_HEADER, mode_rows(result)),
                                 ("Batch sweep", SWEEP_HEADER, sweep_rows(result)),
-                                ("Speed of light (tokens per forward, spec 7.3)", SOL_HEADER,
+                                ("Speed of light (tokens per forward, docs/spec.md 7.3)", SOL_HEADER,
                                  sol_rows(result))):
         if not rows:
             continue

@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decoding.registry import STRATEGIES
+from ..defaults import MODES, PARALLEL_MODES, THRESHOLD
 from ..params import SamplingParams
 from .datasets import Item
 from .sol import sol_request
 
-PARALLEL = ("diffusion", "linear_spec", "quadratic_spec")
+PARALLEL = PARALLEL_MODES
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class BenchConfig:
     modes: tuple[str, ...] = ("ar", "diffusion", "linear_spec")
     block_lengths: tuple[int, ...] = (8,)
     batch_sizes: tuple[int, ...] = (1, 4, 16)
-    threshold: float | None = 0.9
+    threshold: float | None = THRESHOLD["diffusion"]
     max_tokens: int = 64
     peer: str | None = None
     sol: bool = True
@@ -47,8 +49,6 @@ class BenchConfig:
     sol_exact_max_block: int = 8
 
     def __post_init__(self) -> None:
-        from ..params import MODES
-
         if not self.modes or any(m not in MODES for m in self.modes):
             raise ValueError(f"modes must be a non-empty list of {', '.join(MODES)}; got {self.modes}")
         for name in ("block_lengths", "batch_sizes"):
@@ -81,15 +81,23 @@ def configurations(config: BenchConfig) -> list[tuple[str, SamplingParams]]:
     """(label, params) per mode and block length; ``ar`` once."""
     out = []
     for mode in config.modes:
-        if mode == "ar":
-            out.append(("ar", SamplingParams(mode="ar", max_tokens=config.max_tokens)))
+        strategy = STRATEGIES.get(mode)  # None for auto
+        if strategy is not None and not strategy.blocks:
+            out.append((mode, SamplingParams(mode=mode, max_tokens=config.max_tokens)))
             continue
+        tuned = tunes_threshold(mode)
         for b in config.block_lengths:
-            threshold = config.threshold if mode == "diffusion" else None
-            label = f"{mode} L={b}" + (f" t={threshold}" if mode == "diffusion" else "")
+            threshold = {"threshold": config.threshold} if tuned else {}
+            label = f"{mode} L={b}" + (f" t={config.threshold}" if tuned else "")
             out.append((label, SamplingParams(mode=mode, max_tokens=config.max_tokens,
-                                              block_length=b, threshold=threshold)))
+                                              block_length=b, **threshold)))
     return out
+
+
+def tunes_threshold(mode: str) -> bool:
+    """Whether ``BenchConfig.threshold`` applies to ``mode`` (and is shown in its label)."""
+    strategy = STRATEGIES.get(mode)
+    return strategy is not None and strategy.tunes_threshold
 
 
 def prompt_ids(llm, item: Item) -> list[int]:
@@ -207,7 +215,7 @@ def category_walls(run: Run, items: list[Item], batch_size: int) -> dict[str, fl
 
 
 def run_sol(llm, items, ids, block_length, config: BenchConfig) -> list[dict]:
-    """The oracle per item at ``block_length`` (greedy serial target, spec 7.3)."""
+    """The oracle per item at ``block_length`` (greedy serial target, docs/spec.md 7.3)."""
     stop = set(llm.config.eos_token_ids)
     exact = block_length <= config.sol_exact_max_block
     out = []

@@ -69,7 +69,7 @@ def _replicate(cache: KVCache, rows: int) -> KVCache:
 def predictor(model, cache: KVCache, mask_token_id: int, rows: int = 1):
     """``predict(blocks)`` for ``BlockOracle``: bidirectional read-only forwards of ``[L]``
     blocks after the cached prefix, ``rows`` states per forward; greedy candidates with the
-    mask id excluded and the reference confidence (spec 3.3)."""
+    mask id excluded and the reference confidence (docs/spec.md 3.3)."""
     wide: dict[int, KVCache] = {1: cache}
 
     def predict(blocks: list[Block]) -> list[Prediction]:

@@ -16,11 +16,13 @@ from typing import Callable
 
 import torch
 
+from ..decoding.registry import equals_ar
 from ..params import SamplingParams
 from .datasets import Item
 from .peer import build_peer, peer_generate
 from .runner import (PARALLEL, BenchConfig, Run, by_category, category_batches, category_walls,
-                     configurations, prompt_ids, run_batch, run_sol, summarize, sweep_batches)
+                     configurations, prompt_ids, run_batch, run_sol, summarize, sweep_batches,
+                     tunes_threshold)
 
 
 def benchmark(llm, items: list[Item], config: BenchConfig,
@@ -75,7 +77,7 @@ def _mode_entry(run: Run, items, walls: dict[str, float], params) -> dict:
         ids = {items[i].id for i in idx}
         cats[category] = summarize([r for r in run.records if r["id"] in ids], walls[category])
     return {"label": run.label, "mode": run.mode, "block_length": run.block_length,
-            "threshold": params.threshold if run.mode == "diffusion" else None,
+            "threshold": params.threshold if tunes_threshold(run.mode) else None,
             "batch_size": run.batch_size, "overall": summarize(run.records, sum(run.walls)),
             "categories": cats, "peak_memory_mb": round(run.peak_memory_mb, 1),
             "records": [{k: r[k] for k in ("id", "category", "token_ids", "nfe",
@@ -134,7 +136,7 @@ def _compare_to_peer(modes, sweep, peer, items) -> None:
         m["overall"]["ratio_to_peer"] = round(m["overall"]["tokens_per_s"] / peer["tokens_per_s"], 3)
         for category, s in m["categories"].items():
             s["ratio_to_peer"] = round(s["tokens_per_s"] / peer["categories"][category]["tokens_per_s"], 3)
-        if m["mode"] in ("ar", "linear_spec", "quadratic_spec"):
+        if equals_ar(m["mode"]):
             same = [r["token_ids"] == theirs[r["id"]] for r in m["records"]]
             first = [_first_diff(r["token_ids"], theirs[r["id"]]) for r in m["records"]]
             m["equal_to_peer"] = {"requests": len(same), "equal": sum(same),

@@ -3,10 +3,10 @@
 Reads ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT writes them (NLD ships
 ``linear_spec_lora``: r=128, alpha=512 on ``o_proj``; any of q/k/v/o/gate/up/down_proj is
 supported). Each targeted Linear gets ``W x + (alpha / r) B A x`` on rows whose forward has
-the adapter flag (spec 5.3); the causal verify never sees it, so self-speculation stays
+the adapter flag (docs/spec.md 5.3); the causal verify never sees it, so self-speculation stays
 lossless. An adapter whose ``trimode_adapter.json`` lists ``"denoise"`` (``trimode train``
 writes one) is also on for diffusion denoising passes; commit passes never see it.
-A mismatched adapter is an error, never a silent no-op (B18): a rank that differs from
+A mismatched adapter is an error, never a silent no-op (docs/cases.md B18): a rank that differs from
 ``r``, a shape that does not fit the base model, a tensor naming no module, 0 modules matched, a targeted module without tensors, or an unsupported PEFT feature.
 """
 

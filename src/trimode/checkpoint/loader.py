@@ -3,7 +3,7 @@
 Every tensor the model needs must come from the checkpoint: a missing, unexpected or wrongly
 shaped tensor, a missing or stale shard, or an unknown architecture raises
 :class:`CheckpointError` naming the file and the tensor. No weight is ever left random.
-Spec sections 1.5 and 9.1. Knows nothing about decoding.
+docs/spec.md sections 1.5 and 9.1. Knows nothing about decoding.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def read_safetensors(directory: Path) -> dict[str, tuple[torch.Tensor, str]]:
     """All tensors of a single-file or sharded checkpoint, as ``name -> (tensor, file)``.
 
     With ``model.safetensors.index.json`` the index is authoritative: a missing shard or a
-    tensor listed but absent raises; files not in the index are ignored (B30).
+    tensor listed but absent raises; files not in the index are ignored (docs/cases.md B30).
     """
     from safetensors import safe_open
 

@@ -21,6 +21,7 @@ class ARStrategy(Strategy):
     mode = "ar"
     parallel = False
     needs_mask = False
+    blocks = False
 
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
         self._emit(seq, logits, "prefill")

@@ -28,6 +28,8 @@ class DiffusionStrategy(Strategy):
     """
 
     mode = "diffusion"
+    tunes_threshold = True
+    equals_ar = False
 
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
         seed = ar_token(seq, logits)

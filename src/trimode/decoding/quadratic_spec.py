@@ -2,7 +2,7 @@
 
 Each cycle's single forward holds a causal *verify segment* and one bidirectional *draft
 segment* per acceptance outcome, so whatever the verify decides, the next drafts are ready.
-Spec 5.5 describes the idea (an O(B^2) layout); the exact layout below is trimode's.
+docs/spec.md 5.5 describes the idea (an O(B^2) layout); the exact layout below is trimode's.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from .strategy import Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {
     s.mode: s for s in (ARStrategy, DiffusionStrategy, LinearSpecStrategy, QuadraticSpecStrategy)}
-PARALLEL_MODES = tuple(m for m, s in STRATEGIES.items() if s.parallel)
+# defaults.DECODING_MODES / PARALLEL_MODES name the same modes without importing torch (for
+# the CLI's flags); tests/test_layout.py checks that they agree.
 
 
 def strategy_class(mode: str) -> type[Strategy]:
@@ -23,6 +24,19 @@ def strategy_class(mode: str) -> type[Strategy]:
         return STRATEGIES[mode]
     except KeyError:
         raise ValueError(f"mode must be one of {', '.join(STRATEGIES)}; got {mode!r}") from None
+
+
+def needs_mask(mode: str) -> bool:
+    """Whether ``mode`` (``auto`` included: it may pick a parallel mode) needs the checkpoint's
+    ``mask_token_id``."""
+    strategy = STRATEGIES.get(mode)
+    return strategy is None or strategy.needs_mask
+
+
+def equals_ar(mode: str) -> bool:
+    """Whether ``mode``'s output is ``ar``'s at temperature 0 (``auto``: not promised)."""
+    strategy = STRATEGIES.get(mode)
+    return strategy is not None and strategy.equals_ar
 
 
 def scratch_slots(mode: str, block_length: int, max_tokens: int,

@@ -1,8 +1,8 @@
 """Token choice from logits: greedy, Gumbel-max sampling, confidence, and target distributions.
 
 The mask token is never a candidate: its logit is set to -inf before argmax or sampling in
-every mode (B02). Sampling is Gumbel-max in float64 (``argmax(z / T - log E)``, E ~ Exp(1)),
-which is the reference's ``argmax(exp(z) / E^T)`` (spec 3.3) without overflow; each request
+every mode (docs/cases.md B02). Sampling is Gumbel-max in float64 (``argmax(z / T - log E)``, E ~ Exp(1)),
+which is the reference's ``argmax(exp(z) / E^T)`` (docs/spec.md 3.3) without overflow; each request
 draws from its own generator, so a seed gives the same output in any batch. Confidence is
 the reference's: the un-tempered softmax over the full vocabulary, mask id included
 (spec 3.3, gotcha 9.8 d). All math here is fp32 or float64 whatever the model dtype (B31).

@@ -64,7 +64,7 @@ class Sequence:
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(trace=[] if params.trace else None)
-        self.rollback = 0  # cache slots the loop must drop after this step (spec 5.1 crop)
+        self.rollback = 0  # cache slots the loop must drop after this step (docs/spec.md 5.1 crop)
         self.verifies = 0
         self.strategy = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None

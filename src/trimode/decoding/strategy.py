@@ -30,6 +30,9 @@ class Strategy(ABC):
     parallel: ClassVar[bool] = True  # a candidate for mode="auto" at low load
     needs_mask: ClassVar[bool] = True  # needs the checkpoint's mask_token_id
     shrink_hint: ClassVar[str] = "block_length"  # what to lower when scratch does not fit
+    blocks: ClassVar[bool] = True  # block_length means something to this mode
+    tunes_threshold: ClassVar[bool] = False  # benchmarks sweep its threshold (diffusion)
+    equals_ar: ClassVar[bool] = True  # output = ar's at temperature 0 (lossless)
     phase: str = "decode"  # what the live view shows as the current pass
 
     # ---------------------------------------------------------------- stepping

@@ -10,7 +10,10 @@ import itertools
 import logging
 import threading
 from collections import deque
+from dataclasses import replace
+from functools import partial
 
+from ..decoding.events import EventRecorder
 from ..params import SamplingParams
 from .engine import Engine
 
@@ -48,9 +51,12 @@ class AsyncEngine:
         self.engine.validate(prompt_ids, params, images)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, images: list | None = None):
+                       request_id: str | None = None, images: list | None = None,
+                       events: bool = False):
         """Yield this request's RequestUpdates until it finishes (the last has
-        ``finished=True``). Raises ValueError for a request that can never run."""
+        ``finished=True``). With ``events``, also a ``decoding.events.ForwardEvent`` after
+        every forward the request took part in (before that step's update). Raises
+        ValueError for a request that can never run."""
         import asyncio
 
         self.validate(prompt_ids, params, images)
@@ -58,8 +64,11 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         self._ensure_thread()
+        if events and not params.trace:
+            params = replace(params, trace=True)  # the recorder reads the trace
         with self._lock:
-            self._inbox.append(("add", request_id, list(prompt_ids), params, loop, queue, images))
+            self._inbox.append(("add", request_id, list(prompt_ids), params, loop, queue, images,
+                                events))
         self._wake.set()
         finished = False
         try:
@@ -119,7 +128,7 @@ class AsyncEngine:
             items, self._inbox = list(self._inbox), deque()
         for item in items:
             if item[0] == "add":
-                _, request_id, prompt_ids, params, loop, queue, images = item
+                _, request_id, prompt_ids, params, loop, queue, images, events = item
                 if request_id in self._streams or request_id in self.engine.requests:
                     # a duplicate id: refuse it without touching the request that owns it
                     loop.call_soon_threadsafe(queue.put_nowait, ValueError(
@@ -127,7 +136,9 @@ class AsyncEngine:
                     continue
                 self._streams[request_id] = (loop, queue)
                 try:
-                    self.engine.add_request(prompt_ids, params, request_id, images=images)
+                    hook = EventRecorder(partial(self._deliver, request_id)) if events else None
+                    self.engine.add_request(prompt_ids, params, request_id, images=images,
+                                            on_step=hook)
                 except Exception as exc:  # noqa: BLE001 - delivered to the caller
                     self._deliver(request_id, exc if isinstance(exc, ValueError) else
                                   RuntimeError(f"{type(exc).__name__}: {exc}"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..decoding.registry import PARALLEL_MODES
+from ..defaults import PARALLEL_MODES
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,11 @@ class AutoPolicy:
         if isinstance(self.max_parallel_batch, bool) or not isinstance(self.max_parallel_batch, int) \
                 or self.max_parallel_batch < 0:
             raise ValueError(f"max_parallel_batch must be an integer >= 0; got {self.max_parallel_batch!r}")
+
+    @property
+    def candidates(self) -> tuple[str, str]:
+        """The modes an auto request may end up in."""
+        return ("ar", self.parallel_mode)
 
     def choose(self, batch_size: int) -> str:
         return self.parallel_mode if batch_size <= self.max_parallel_batch else "ar"

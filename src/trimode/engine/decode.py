@@ -25,7 +25,7 @@ def decode(model, seqs: list[Sequence], on_step: Callable[[Sequence], None] | No
     # every row may be padded to the widest row (stub models check this strictly)
     engine = Engine(model, EngineConfig(max_num_seqs=len(seqs), max_model_len=2 * need,
                                         scratch_tokens=need,
-                                        max_num_batched_tokens=10**9), check_context=False)
+                                        max_num_batched_tokens=10**9))
     for s in seqs:
         s.on_step = on_step
         engine.add_sequence(s)

@@ -37,10 +37,12 @@ import torch
 from ..decoding.registry import STRATEGIES, scratch_slots
 from ..decoding.sequence import Sequence, Step
 from ..multimodal.requests import attach_features, check_images, prefill_step
+from ..defaults import AUTO, CONTEXT_CAP
 from ..params import ParamError, SamplingParams
 from . import model_runner
 from .config import EngineConfig
 from .kv_pool import KVPool, kv_bytes_per_token
+from .model_runner import DecodingModel
 from .prefix import share_prefix
 from .request import RequestUpdate
 from .scheduler import Scheduler
@@ -51,20 +53,16 @@ log = logging.getLogger("trimode.engine")
 class Engine:
     """Continuous-batching decoder over one model (not thread-safe; see AsyncEngine).
 
-    ``model``: a TriModeModel (or any object with its ``config``, ``new_cache``, ``__call__``
-    and ``logits``). ``eos_token_ids`` end every request. Raises ValueError for a config
-    the pool cannot hold.
+    ``model``: anything that follows :class:`~trimode.engine.model_runner.DecodingModel`
+    (a TriModeModel; the tests' stubs). The checkpoint's ``eos_token_ids`` end every request.
+    Raises ValueError for a config the pool cannot hold.
     """
 
-    def __init__(self, model, config: EngineConfig | None = None, check_context: bool = True):
+    def __init__(self, model: DecodingModel, config: EngineConfig | None = None):
         self.model = model
         self.config = config or EngineConfig()
-        mc = model.config
-        limit = mc.max_position_embeddings
-        self.max_model_len = self.config.max_model_len or min(limit, 4096)
-        if check_context:
-            self.max_model_len = min(self.max_model_len, limit)
-        self.check_context = check_context
+        limit = model.config.max_position_embeddings
+        self.max_model_len = min(self.config.max_model_len or CONTEXT_CAP, limit)
         rows = self.config.max_num_seqs
         per_token = kv_bytes_per_token(model)
         self.row_capacity = self.max_model_len + self.config.scratch_tokens + 1  # +1 spare slot
@@ -75,11 +73,7 @@ class Engine:
                                  f"request of max_model_len {self.max_model_len} "
                                  f"({per_token * self.row_capacity} bytes per row)")
             rows = min(rows, int(fit))
-        try:
-            cache = model.new_cache(rows, self.row_capacity, zeroed=False)
-        except TypeError:  # models (test stubs) without lazy caches
-            cache = model.new_cache(rows, self.row_capacity)
-        self.pool = KVPool(cache)
+        self.pool = KVPool(model.new_cache(rows, self.row_capacity, zeroed=False))
         self.scheduler = Scheduler(self.config, self.pool)
         self.kv_bytes = rows * self.row_capacity * per_token
         self.requests: dict[str, Sequence] = {}
@@ -126,8 +120,8 @@ class Engine:
 
     def add_sequence(self, seq: Sequence) -> str:
         """Queue a pre-built Sequence (``engine.decode.decode``); checks it fits the pool."""
-        if seq.params.mode == "auto":
-            raise ValueError("add_sequence needs a resolved mode, not 'auto'")
+        if seq.params.mode == AUTO:
+            raise ValueError(f"add_sequence needs a resolved mode, not {AUTO!r}")
         self._check_fits(seq.prompt_ids, seq.params, seq.block_length)
         seq.request_id = str(next(self._ids))
         self.requests[seq.request_id] = seq
@@ -142,7 +136,7 @@ class Engine:
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt must be a non-empty list of token ids")
         check_images(self.model, list(prompt_ids), images)
-        modes = (params.mode,) if params.mode != "auto" else ("ar", self.config.auto.parallel_mode)
+        modes = self.config.auto.candidates if params.mode == AUTO else (params.mode,)
         for mode in modes:
             self._check_fits(prompt_ids, replace(params, mode=mode))
 
@@ -303,11 +297,11 @@ class Engine:
             field = "block_length" if len(prompt_ids) + params.max_tokens <= self.max_model_len \
                 else field
         # the tighter limit is the one named (max_model_len <= the checkpoint's limit)
-        if total > self.max_model_len and (not self.check_context or self.max_model_len < limit):
+        if total > self.max_model_len and self.max_model_len < limit:
             raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
                              f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}",
                              field)
-        if self.check_context and total > limit:
+        if total > limit:
             raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
                              f"{rounding}) = {total} exceeds the context limit {limit}", field)
         scratch = scratch_slots(params.mode, block, params.max_tokens, params.draft_segments)

@@ -27,7 +27,7 @@ class KVPool:
         # rows below this have been written before (finite values); a row is zeroed the
         # first time it is handed out, so memory is touched only as concurrency grows
         # (padding and masked slots are multiplied by zero weights: NaN garbage would leak)
-        self.touched = cache.rows if getattr(cache, "zeroed", True) else 0
+        self.touched = cache.rows if cache.zeroed else 0
 
     @property
     def rows(self) -> int:
@@ -74,6 +74,7 @@ class KVPool:
         view.values = [v[start:stop] for v in self.cache.values]
         view.lengths = self.cache.lengths[start:stop].clone()
         view.capacity = self.cache.capacity
+        view.zeroed = self.cache.zeroed
         return view
 
     def sync(self, view: KVCache, start: int) -> None:
@@ -88,5 +89,5 @@ class KVPool:
 def kv_bytes_per_token(model) -> int:
     """Bytes of keys + values one position takes in every layer."""
     c = model.config
-    element = torch.tensor([], dtype=getattr(model, "dtype", torch.float32)).element_size()
+    element = torch.tensor([], dtype=model.dtype).element_size()
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * element

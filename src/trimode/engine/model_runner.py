@@ -8,19 +8,53 @@ the Step interface.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from ..model.model import TriModeModel
 from ..decoding.sequence import Step
+from ..model.config import ModelConfig
+from ..model.kv_cache import KVCache
 
 
-def run(model: TriModeModel, cache, steps: list[Step], prefill: bool):
+class DecodingModel(Protocol):
+    """What the engine needs of a model (``TriModeModel`` follows it; so do the tests' stubs).
+
+    ``__call__(tokens [B, T], cache, n_valid [B], bidirectional [B], write [B],
+    adapter [B, T], attention [B, T, T] | None, offsets [B, T] | None) -> hidden [B, T, d]``:
+    row b runs its first ``n_valid[b]`` tokens after its cached prefix, causal or
+    block-bidirectional (or the explicit fused pattern), writing its KV (advancing
+    ``cache.lengths``) only where ``write``; ``embeds`` (VLM prefill only: where ``[B, T]``,
+    values ``[N, d]``) replaces those token embeddings. ``logits(hidden [N, d]) -> [N, V]``.
+    ``new_cache(rows, capacity, zeroed)``: a KVCache (``zeroed=False`` may leave it
+    uninitialised; the pool zeroes rows on first use).
+    """
+
+    config: ModelConfig
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def new_cache(self, rows: int, capacity: int, zeroed: bool = True) -> KVCache: ...
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor,
+                 bidirectional: torch.Tensor, write: torch.Tensor, adapter: torch.Tensor,
+                 attention: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                 embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor: ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+def run(model: DecodingModel, cache, steps: list[Step], prefill: bool):
     """``forward_rows``, plus one flag per row: True where its logits hold NaN or +inf."""
     logits = forward_rows(model, cache, steps, prefill)
     return logits, [bool((torch.isnan(r) | torch.isposinf(r)).any()) for r in logits]
 
 
-def forward_rows(model: TriModeModel, cache, steps: list[Step],
+def forward_rows(model: DecodingModel, cache, steps: list[Step],
                  prefill: bool) -> torch.Tensor | list[torch.Tensor]:
     """One packed forward of ``steps`` (row i of ``cache`` runs ``steps[i]``) -> fp32 logits
     on the CPU: ``[B, V]`` at each row's last real token when ``prefill``, else one
@@ -34,7 +68,7 @@ def forward_rows(model: TriModeModel, cache, steps: list[Step],
     return list(torch.split(logits, n_valid.tolist()))
 
 
-def _forward(model: TriModeModel, cache, steps: list[Step]) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(model: DecodingModel, cache, steps: list[Step]) -> tuple[torch.Tensor, torch.Tensor]:
     device = model.device
     width = max(len(s.tokens) for s in steps)
     tokens = torch.zeros(len(steps), width, dtype=torch.long)

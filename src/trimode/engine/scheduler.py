@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..decoding.registry import strategy_class
 from ..decoding.sequence import Sequence
+from ..defaults import AUTO
 from .config import EngineConfig
 from .kv_pool import KVPool
 
@@ -40,7 +41,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens - sum(step_width(s) for s in self.running)
         while self.waiting and self.pool.live < self.pool.rows:
             seq = self.waiting[0]
-            if seq.params.mode == "auto":
+            if seq.params.mode == AUTO:
                 # the load it joins: everyone running plus the queue (itself included), so
                 # a burst of arrivals is seen as the batch it is about to become
                 load = min(len(self.running) + len(self.waiting), self.pool.rows)

@@ -4,7 +4,7 @@ and ``stream_chat`` (``chat`` and ``stream_chat`` apply the chat template; ``gen
 
 Turns text into token ids (tokenizer.py), submits every request to the continuous-batching
 engine (engine.py: requests of all modes share each step), and turns ids back into text.
-Every request gets exactly what it gets alone (batched equals single, B09).
+Every request gets exactly what it gets alone (batched equals single, docs/cases.md B09).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Knows the NLD layout (``model_type`` ``nemotron_labs_diffusion``) and the Llama / Mistral /
 Ministral3 causal-LM layouts, and normalises both into one frozen :class:`ModelConfig`.
 Knows nothing about weights or tokenizers (see ``loader.py`` and ``tokenizer.py``).
-Follows spec sections 1.2 and 1.4.
+Follows docs/spec.md sections 1.2 and 1.4.
 """
 
 from __future__ import annotations

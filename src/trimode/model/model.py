@@ -4,7 +4,7 @@ The model obeys, decoding strategies decide: every forward is told, per row, how
 are real, whether attention over the current tokens is causal or bidirectional (over cached
 prefix + current block), whether the tokens' keys/values are committed to the cache, and
 whether the draft adapter is on. One code path serves batch 1 and batch N.
-Follows spec sections 1.3, 1.4, 2.1, 2.2 and 9.2. Knows nothing about tokens' meaning.
+Follows docs/spec.md sections 1.3, 1.4, 2.1, 2.2 and 9.2. Knows nothing about tokens' meaning.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class TriModeModel(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., d]`` -> fp32 logits ``[..., vocab]`` (confidence math is always fp32, B31)."""
+        """``[..., d]`` -> fp32 logits ``[..., vocab]`` (confidence math is always fp32, docs/cases.md B31)."""
         return self.diffusion_head(hidden).float()
 
 

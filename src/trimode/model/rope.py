@@ -1,6 +1,6 @@
 """Rotary position embeddings: default, linear and YaRN, plus the Llama-4 query scale.
 
-Follows spec section 1.4 (the transformers ``_compute_yarn_parameters`` formulas). The YaRN
+Follows docs/spec.md section 1.4 (the transformers ``_compute_yarn_parameters`` formulas). The YaRN
 attention factor is computed from the config: for NLD ``mscale == mscale_all_dim`` so it is
 exactly 1.0, not the 1.277 a generic YaRN gives for factor 16.
 """

@@ -18,7 +18,7 @@ EXAMPLES = """examples:
 def add_train_parser(sub, parser_class) -> None:
     p = sub.add_parser("train", help="fine-tune with the joint AR + diffusion objective",
                        description="Fine-tune a checkpoint with the joint AR + diffusion "
-                       "objective (dual-stream block-diff mask, spec 2.3).", epilog=EXAMPLES,
+                       "objective (dual-stream block-diff mask, docs/spec.md 2.3).", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="+", help=".txt files, or .jsonl with {'text'} or "
                    "{'messages'} (chat: loss on assistant turns only)")

@@ -2,7 +2,7 @@
 
 An example is token ids plus a loss mask: all tokens for text; for chat, the conversation is
 rendered with the checkpoint's chat template and only assistant turns carry loss (NLD's SFT,
-spec 2.3). Examples become fixed-length rows ``[N, L]`` either packed (concatenated and cut)
+docs/spec.md 2.3). Examples become fixed-length rows ``[N, L]`` either packed (concatenated and cut)
 or one per row (truncated, right-padded). Errors name the file and line. Knows nothing
 about models beyond the tokenizer.
 """

@@ -5,7 +5,7 @@ one forward, which trimode's ``Linear`` supports (``adapter_rows``) and PEFT's p
 wrappers do not; so training uses trimode's LoRA path (the very code inference runs), with
 PEFT's initialisation (A Kaiming-uniform, B zero) and PEFT's ``LoraConfig`` and key names
 for the saved files. The result loads with ``LLM(draft_adapter=...)`` / ``--draft-adapter``;
-its keys follow NLD's ``linear_spec_lora`` naming (``encoder.layers.*``, spec 5.3).
+its keys follow NLD's ``linear_spec_lora`` naming (``encoder.layers.*``, docs/spec.md 5.3).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The dual-stream attention mask and the noising of the joint AR + diffusion objective.
 
-Follows spec section 2.3 (a): the input is ``[x_t | x_0]`` (noisy stream first, clean
+Follows docs/spec.md section 2.3 (a): the input is ``[x_t | x_0]`` (noisy stream first, clean
 stream second, both at positions 0 .. L-1); a noisy query sees its own noisy block
 bidirectionally and strictly earlier clean blocks; a clean query sees earlier-or-equal clean
 tokens. Noising draws one t ~ U(0, 1) per sequence, p = (1 - eps) t + eps, and masks each

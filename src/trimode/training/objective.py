@@ -1,4 +1,4 @@
-"""The joint AR + diffusion loss on the dual-stream layout (spec 2.3 (a)).
+"""The joint AR + diffusion loss on the dual-stream layout (docs/spec.md 2.3 (a)).
 
 Two layouts, one objective:
 

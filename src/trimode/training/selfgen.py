@@ -2,7 +2,7 @@
 
 A greedy answer is its own greedy chain, so every position of it is an exact draft target
 for linear_spec and a consistent denoising target for diffusion (see the draft-adapter
-experiment, /work/shared/spec/draft-adapter-experiment.md). Answers are written as chat
+experiment, docs/draft-adapter-experiment.md). Answers are written as chat
 jsonl (``{"messages": [user, assistant]}``) one batch at a time, so a partial file is usable.
 """
 

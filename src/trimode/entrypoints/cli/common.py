@@ -20,6 +20,15 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def flag_error(exc: ValueError, fields) -> UsageError:
+    """A SamplingParams ``FieldError`` as the flag that set the field (``--max-tokens ...``);
+    other errors as they are."""
+    field = getattr(exc, "field", None)
+    if field in fields:
+        return UsageError(f"--{field.replace('_', '-')} {exc.message}")
+    return UsageError(str(exc))
+
+
 def threshold_arg(text: str) -> float | None:
     if text.lower() == "none":
         return None

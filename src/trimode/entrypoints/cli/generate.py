@@ -20,41 +20,30 @@ from rich.console import Console
 from rich.text import Text
 
 from ...checkpoint.tokenizer import check_text
-from ...params import SamplingParams
-from .common import UsageError
+from ...defaults import THRESHOLD
+from ...params import MODE_DEFAULT, SamplingParams
+from .common import UsageError, flag_error
 from .visual import LiveView
 
-DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value for block diffusion
-DEFAULT = object()  # --threshold not given: the mode's own default
-FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
-         "block_length": "--block-length", "threshold": "--threshold",
-         "draft_segments": "--draft-segments"}
+DIFFUSION_THRESHOLD = THRESHOLD["diffusion"]  # shown in --help
+DEFAULT = MODE_DEFAULT  # --threshold not given: the mode's own default (defaults.THRESHOLD)
+FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "seed", "block_length",
+         "threshold", "draft_segments")
 
 COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation history",
             "/exit": "quit (end of input quits too)"}
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    threshold = args.threshold
-    if threshold is DEFAULT:
-        threshold = DIFFUSION_THRESHOLD if args.mode == "diffusion" else None
+    """The flags as SamplingParams; UsageError naming the flag for a bad value."""
     try:
         return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, block_length=args.block_length, threshold=threshold,
-                              draft_segments=args.draft_segments)
+                              seed=args.seed, block_length=args.block_length,
+                              threshold=args.threshold, draft_segments=args.draft_segments)
     except ValueError as exc:
-        raise UsageError(flag_message(exc)) from None
-
-
-def flag_message(exc: ValueError) -> str:
-    """A SamplingParams error in the command line's words: the flag for the field, 'none'
-    for None."""
-    field, _, rest = str(exc).partition(" ")
-    if field not in FLAGS:
-        return str(exc)
-    return f"{FLAGS[field]} " + rest.replace(" or None", " or 'none'")
+        # the flag's spelling: --threshold takes 'none', not None
+        raise UsageError(str(flag_error(exc, FLAGS)).replace(" or None", " or 'none'")) from None
 
 
 class Interrupted(KeyboardInterrupt):

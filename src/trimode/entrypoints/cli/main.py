@@ -21,8 +21,8 @@ import sys
 
 from rich.console import Console
 
+from ...defaults import DRAFT_SEGMENTS, MAX_TOKENS, MODES
 from ...extras import require
-from ...params import MODES
 from ..server.cli import add_serve_parser
 from .common import Parser, UsageError, load, one_line, segments_arg, threshold_arg
 from .generate import (DEFAULT, DIFFUSION_THRESHOLD, Interrupted, chat_loop, decode_input,
@@ -62,8 +62,8 @@ def build_parser() -> Parser:
                    "self-speculation (draft a block bidirectionally, verify causally); "
                    "quadratic_spec: the same with draft and verify fused in one forward "
                    "(default: ar)")
-    d.add_argument("--max-tokens", type=int, default=256, metavar="N",
-                   help="generated-token limit, integer >= 1 (default: 256)")
+    d.add_argument("--max-tokens", type=int, default=MAX_TOKENS, metavar="N",
+                   help=f"generated-token limit, integer >= 1 (default: {MAX_TOKENS})")
     d.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help=">= 0; 0 is greedy (default: 0)")
     d.add_argument("--top-p", type=float, default=1.0, metavar="P",
@@ -80,7 +80,7 @@ def build_parser() -> Parser:
                    f"(at least one per pass; default {DIFFUSION_THRESHOLD}), 'none' for the even "
                    "schedule; linear_spec: draft confidence threshold (default 0: draft the "
                    "whole block in one pass); ignored by ar")
-    d.add_argument("--draft-segments", type=segments_arg, default=1, metavar="M|all",
+    d.add_argument("--draft-segments", type=segments_arg, default=DRAFT_SEGMENTS, metavar="M|all",
                    help="quadratic_spec: keep draft segments for only the M acceptance outcomes "
                    "nearest the last one, integer >= 1, or 'all' for the full layout "
                    "(block_length^2 extra tokens per forward) (default: 1)")

@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-plus ``/health`` and ``/metrics``.
+plus ``/health``, ``/metrics`` and the playground page at ``/`` (``ui/``, unless turned off).
 
 Every request is validated completely (schema, prompt, SamplingParams, ``engine.validate``
 for the context limit) before any engine work or any response byte, so bad input always
@@ -27,7 +27,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ...params import SamplingParams
+from ...defaults import MAX_TOKENS
+from ...params import MODE_DEFAULT, SamplingParams
 from ...multimodal.image import ImageLimits
 from ...multimodal.prompt import chat_prompt
 from .generation import Job
@@ -42,7 +43,6 @@ SCHEMA_ERRORS = {"missing", "json_invalid", "model_attributes_type", "int_from_f
                  "json_type", "value_error_json", "union_tag_invalid"}
 UNION_TAGS = {"str", "int", "float", "bool", "list", "dict"}  # pydantic's union-member labels
 MAX_CHOICES = 256  # engine requests one HTTP request may start (each holds KV)
-DIFFUSION_THRESHOLD = 0.9  # the reference's model-card value, as in the CLI
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ServerConfig:
 
     model_name: str
     mode: str = "auto"
-    max_tokens: int = 256
+    max_tokens: int = MAX_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -59,6 +59,7 @@ class ServerConfig:
     threshold: float | None = None
     max_model_len: int | None = None
     max_body_bytes: int = 4 * 2**20
+    ui: bool = True  # GET / serves the playground (ui/); --no-ui turns it off
 
 
 def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=None,
@@ -93,6 +94,9 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
             metrics.requests.labels(_endpoint(request), "none", str(status)).inc()
         return JSONResponse(error_body(message, None, kind), status_code=status,
                             headers=getattr(exc, "headers", None))
+
+    if config.ui:
+        _mount_ui(app)
 
     @app.get("/health")
     async def health():
@@ -135,9 +139,11 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
                   sum(map(len, prompt_tokens)))
         watcher = asyncio.create_task(abort_on_disconnect(request, run))
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            options = body.stream_options
+            include_usage = bool(options and options.include_usage)
+            forwards = bool(options and options.trimode_events)
             return StreamingResponse(run.sse(meta, sum(map(len, prompt_tokens)), include_usage,
-                                             watcher),
+                                             watcher, forwards),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -218,8 +224,8 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
     def _params(body: _Sampling, j: int) -> SamplingParams:
         mode = body.mode or config.mode
         threshold = body.threshold if body.threshold is not None else config.threshold
-        if threshold is None and mode == "diffusion":
-            threshold = DIFFUSION_THRESHOLD
+        if threshold is None:  # the mode's own default (defaults.THRESHOLD), as in the CLI
+            threshold = MODE_DEFAULT
         top_k = config.top_k if body.top_k is None else max(body.top_k, 0)
         kwargs = dict(
             mode=mode, max_tokens=body.max_tokens or body.max_completion_tokens or config.max_tokens,
@@ -231,6 +237,24 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
         return _check(lambda: SamplingParams(**kwargs), None)
 
     return app
+
+
+def _mount_ui(app: FastAPI) -> None:
+    """The playground: ``GET /`` (index.html) and its scripts and styles under ``/ui/``,
+    served from the package's own files (nothing is fetched from elsewhere)."""
+    from pathlib import Path
+
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    folder = Path(__file__).parent / "ui"
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(folder / "index.html", media_type="text/html",
+                            headers={"Cache-Control": "no-cache"})
+
+    app.mount("/ui", StaticFiles(directory=folder), name="ui")
 
 
 def _check(fn, field: str | None):

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import argparse
 
-from ...params import MODES
+from ...defaults import CONTEXT_CAP, MAX_TOKENS, MODES, PARALLEL_MODES, THRESHOLD
 
-FLAGS = {"mode": "--mode", "max_tokens": "--max-tokens", "temperature": "--temperature",
-         "top_k": "--top-k", "top_p": "--top-p", "block_length": "--block-length",
-         "threshold": "--threshold"}
+FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "block_length", "threshold")
 
 
 def add_serve_parser(sub, threshold_arg) -> None:
     """The ``serve`` subparser; ``threshold_arg`` parses --threshold as the CLI does."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve the model over HTTP: /v1/completions, "
-                       "/v1/chat/completions, /v1/models, /health, /metrics. Requests choose "
+                       "/v1/chat/completions, /v1/models, /health, /metrics, and a playground "
+                       "page at / (--no-ui: off). Requests choose "
                        "mode, block_length, threshold and top_k in the body (extra_body in "
                        "OpenAI clients); these flags set the defaults for fields they omit.")
     m = p.add_argument_group("model")
@@ -40,8 +39,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    help="requests decoded together, integer >= 1 (default: 16)")
     s.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context limit in tokens, prompt + generation (default: the "
-                   "checkpoint's max_position_embeddings, capped at 4096)")
-    s.add_argument("--auto-parallel-mode", choices=["diffusion", "linear_spec", "quadratic_spec"],
+                   f"checkpoint's max_position_embeddings, capped at {CONTEXT_CAP})")
+    s.add_argument("--auto-parallel-mode", choices=PARALLEL_MODES,
                    default=None, help="mode 'auto' uses this parallel mode at low load "
                    "(default: the model's measured policy, see README 'mode auto')")
     s.add_argument("--auto-max-parallel-batch", type=int, default=None, metavar="N",
@@ -49,13 +48,15 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    "<= N, ar beyond; 0: always ar")
     s.add_argument("--auto-crossover", default=None, metavar="PATH",
                    help="take the auto policy from a crossover.json written by `trimode bench`")
+    s.add_argument("--no-ui", dest="ui", action="store_false",
+                   help="do not serve the playground page at / (default: served)")
     s.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     d = p.add_argument_group("request defaults (used when a request omits the field)")
     d.add_argument("--mode", choices=MODES, default="auto",
                    help="auto picks a mode per request from the load (default: auto)")
-    d.add_argument("--max-tokens", type=int, default=256, metavar="N",
-                   help="generated-token limit, integer >= 1 (default: 256)")
+    d.add_argument("--max-tokens", type=int, default=MAX_TOKENS, metavar="N",
+                   help=f"generated-token limit, integer >= 1 (default: {MAX_TOKENS})")
     d.add_argument("--temperature", type=float, default=1.0, metavar="T",
                    help=">= 0; 0 is greedy (default: 1, as OpenAI)")
     d.add_argument("--top-p", type=float, default=1.0, metavar="P", help="in (0, 1] (default: 1)")
@@ -64,7 +65,8 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    help="diffusion block / draft window, integer >= 1 (default: the "
                    "checkpoint's block_size)")
     d.add_argument("--threshold", type=threshold_arg, default=None, metavar="X",
-                   help="in [0, 1] (default: 0.9 for diffusion, 0 for the speculative modes)")
+                   help=f"in [0, 1] (default: {THRESHOLD['diffusion']} for diffusion, "
+                   f"{THRESHOLD['linear_spec']:g} for the speculative modes)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -140,17 +142,19 @@ def auto_policy(args: argparse.Namespace):
 def server_config(args: argparse.Namespace, llm, model=None):
     """The request defaults from the flags, checked through SamplingParams (UsageError
     naming the flag). With ``llm``, the full ServerConfig."""
-    from ..cli.common import UsageError
     from ...params import SamplingParams
+    from ..cli.common import flag_error
 
+    # --threshold is the default of the requests that omit it, in whichever mode they ask
+    # for: check it as a diffusion threshold (the widest range) unless it is the mode default
+    threshold = {} if args.threshold is None else {"threshold": args.threshold}
     try:
         SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                       block_length=args.block_length,
-                       threshold=None if args.mode == "quadratic_spec" else args.threshold)
+                       block_length=args.block_length)
+        SamplingParams(mode="diffusion", **threshold)
     except ValueError as exc:
-        field, _, rest = str(exc).partition(" ")
-        raise UsageError(f"{FLAGS[field]} {rest}" if field in FLAGS else str(exc)) from None
+        raise flag_error(exc, FLAGS) from None
     if llm is None:
         return None
     from pathlib import Path
@@ -167,4 +171,4 @@ def server_config(args: argparse.Namespace, llm, model=None):
     return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         block_length=args.block_length, threshold=args.threshold,
-                        max_model_len=limit)
+                        max_model_len=limit, ui=getattr(args, "ui", True))

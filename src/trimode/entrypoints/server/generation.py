@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from ...decoding.events import ForwardEvent
 from .text import TextStream
 
 log = logging.getLogger("trimode.server")
@@ -49,14 +50,29 @@ class ChoiceEvent:
     metrics: object | None
 
 
-async def run_choice(engine, job: Job, decode) -> AsyncIterator[ChoiceEvent]:
-    """Events of one choice, the last one with a finish_reason. ``decode(ids) -> str``."""
+@dataclass
+class Forward:
+    """A per-forward event (``decoding.events.ForwardEvent``) of choice ``index``."""
+
+    index: int
+    event: object
+
+
+async def run_choice(engine, job: Job, decode,
+                     events: bool = False) -> AsyncIterator[ChoiceEvent | Forward]:
+    """Events of one choice, the last one with a finish_reason. ``decode(ids) -> str``.
+    With ``events``, also a ``Forward`` for every model forward of the choice."""
     stream = TextStream(decode, job.stop)
     extra = {"images": job.images} if job.images else {}
+    if events:
+        extra["events"] = True
     updates = engine.generate(job.prompt_ids, job.params, job.request_id, **extra)
     engine_done = False
     try:
         async for upd in updates:
+            if isinstance(upd, ForwardEvent):
+                yield Forward(job.index, upd)
+                continue
             engine_done = bool(upd.finished)
             if upd.finish_reason == "error":  # the engine failed this request only
                 raise RuntimeError(getattr(upd, "error", None) or "the engine failed the request")

@@ -4,9 +4,9 @@ Follows the OpenAI API reference for ``/v1/completions`` and ``/v1/chat/completi
 trimode's extras at the top level of the body (``mode``, ``block_length``, ``threshold``,
 ``top_k``), which OpenAI clients send through ``extra_body``. Ranges live in the schema, so the
 OpenAPI document states them and a violation is reported before anything runs; NaN and
-infinity are rejected for every number (B25). Types are strict: a boolean or a string is not
-a number and ``true`` is not a token id (422, as every type mismatch). Every text field
-(prompts, message contents and text parts, stop strings) must be valid Unicode: a lone
+infinity are rejected for every number (docs/cases.md B25). Types are strict: a boolean or a
+string is not a number and ``true`` is not a token id (422, as every type mismatch). Every text
+field (prompts, message contents and text parts, stop strings) must be valid Unicode: a lone
 surrogate such as the JSON escape ``"\\ud800"`` is a 400 naming the field, before anything
 reaches the tokenizer. Unknown fields are ignored, as in vLLM. Knows nothing about the engine.
 """
@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from ...checkpoint.tokenizer import check_text
 
-SERVER_MODES = ("auto", "ar", "diffusion", "linear_spec", "quadratic_spec")
-Mode = Literal["auto", "ar", "diffusion", "linear_spec", "quadratic_spec"]
+from ...defaults import AUTO, DECODING_MODES
+
+SERVER_MODES = (AUTO,) + DECODING_MODES
+Mode = Literal[SERVER_MODES]  # type: ignore[valid-type]
 MAX_N = 64  # choices per request: each is an engine request holding KV
 MAX_TOP_LOGPROBS = 20
 MAX_BLOCK_LENGTH = 1024
@@ -41,6 +43,8 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True)
 
     include_usage: StrictBool = False
+    trimode_events: StrictBool = Field(False, description="trimode: one extra chunk per model "
+                                       "forward (object trimode.forward; README 'Live events')")
 
 
 class _Sampling(BaseModel):

@@ -16,7 +16,9 @@ import time
 from fastapi import Request
 
 from .format import Choice, chunk, chunk_choice, full_choice, summary, usage
-from .generation import ChoiceEvent, Job, abort, merge, run_choice, until_disconnect
+from .events import event_json
+from .generation import (ChoiceEvent, Forward, Job, abort, merge, run_choice,
+                         until_disconnect)
 from .metrics import Metrics
 from .protocol import error_body
 
@@ -43,8 +45,10 @@ class Run:
         self.disconnected = False
         self.first_text_at: float | None = None
 
-    def events(self):
-        return merge([run_choice(self.engine, j, self.tokenizer.decode) for j in self.jobs])
+    def events(self, forwards: bool = False):
+        """Choice events as they come; with ``forwards``, per-forward ``Forward``s too."""
+        return merge([run_choice(self.engine, j, self.tokenizer.decode, forwards)
+                      for j in self.jobs])
 
     def _record(self, event: ChoiceEvent) -> Choice:
         choice = self.choices[event.index]
@@ -83,7 +87,8 @@ class Run:
                 "choices": [full_choice(c, self.endpoint, self.tokenizer) for c in choices],
                 "usage": usage(prompt_tokens, choices), "trimode": summary(choices)}
 
-    async def sse(self, meta: dict, prompt_tokens: int, include_usage: bool, watcher):
+    async def sse(self, meta: dict, prompt_tokens: int, include_usage: bool, watcher,
+                  forwards: bool = False):
         obj = "chat.completion.chunk" if self.endpoint == "chat" else "text_completion"
         status = 200
         try:
@@ -91,7 +96,12 @@ class Run:
                 roles = [{"index": i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None} for i in sorted(self.choices)]
                 yield _sse(chunk(meta, obj, roles))
-            async for event in self.events():
+            async for event in self.events(forwards):
+                if isinstance(event, Forward):
+                    yield _sse({**chunk(meta, "trimode.forward", []),
+                                "trimode_event": event_json(event.index, event.event,
+                                                            self.tokenizer)})
+                    continue
                 choice = self._record(event)
                 if event.text or event.finish_reason is not None or event.logprobs:
                     yield _sse(chunk(meta, obj, [chunk_choice(choice, event, self.endpoint,
