@@ -59,6 +59,8 @@ def add_parser(sub) -> None:
     m.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
     m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     m.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on cuda, run every forward eagerly (no captured CUDA graphs)")
     m.add_argument("--draft-adapter", metavar="PATH", default=None)
     m.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's)")

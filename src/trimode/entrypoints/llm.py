@@ -44,6 +44,7 @@ class LLM:
     kv_cache_memory: bytes for the KV pool (caps max_batch_size); None: max_batch_size rows.
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
     auto: the ``mode="auto"`` policy (``engine.AutoPolicy``).
+    cuda_graphs: on CUDA, replay captured graphs of the decode forward (``EngineConfig``).
     Raises CheckpointError (a ValueError) for unreadable or inconsistent checkpoints and
     ValueError for out-of-range settings.
     """
@@ -53,7 +54,7 @@ class LLM:
                  draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 auto: AutoPolicy | None = None):
+                 auto: AutoPolicy | None = None, cuda_graphs: bool = True):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
@@ -63,7 +64,7 @@ class LLM:
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
                                      kv_cache_memory=kv_cache_memory,
                                      max_num_batched_tokens=max_num_batched_tokens,
-                                     auto=auto or AutoPolicy())
+                                     auto=auto or AutoPolicy(), cuda_graphs=cuda_graphs)
         if model is None:
             from ..checkpoint.embedded import default_model_dir, shipped_adapter
 

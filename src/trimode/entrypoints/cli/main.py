@@ -52,6 +52,9 @@ def build_parser() -> Parser:
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on cuda, run every forward eagerly instead of replaying captured "
+                   "CUDA graphs of the decode forward")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
                    help="PEFT LoRA directory used for linear_spec / quadratic_spec draft passes "
                    "(and diffusion denoising if trained for it); 'none' for no adapter "

@@ -27,6 +27,9 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on cuda, run every forward eagerly instead of replaying captured "
+                   "CUDA graphs of the decode forward")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
                    help="PEFT LoRA directory for draft passes (and diffusion denoising when the adapter "
                    "is marked for it); default: the shipped adapter for the embedded model")
@@ -100,7 +103,7 @@ def serve(args: argparse.Namespace) -> int:
             auto = default_auto_policy()
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=args.draft_adapter,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-              progress=False, auto=auto)
+              progress=False, auto=auto, cuda_graphs=args.cuda_graphs)
     engine = AsyncEngine(llm)
     try:
         app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
