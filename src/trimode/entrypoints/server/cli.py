@@ -166,6 +166,11 @@ def server_config(args: argparse.Namespace, llm, model=None):
 
     name = args.served_model_name or Path(str(model)).name
     limit = llm.engine.max_model_len
+    if args.max_model_len is not None and limit < args.max_model_len:
+        import sys
+
+        print(f"warning: --max-model-len {args.max_model_len} is over the checkpoint's context "
+              f"limit; serving with {limit}", file=sys.stderr)
     return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         block_length=args.block_length, threshold=args.threshold,
