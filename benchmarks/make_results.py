@@ -161,31 +161,21 @@ def render(result: dict, curve: list[dict], command: str) -> str:
 
 
 def gpu_section() -> list[str]:
-    """``benchmarks/gpu_results.json`` (written by ``bash benchmarks/gpu.sh``) if present."""
-    path = HERE / "gpu_results.json"
-    head = ["## GPU", "", "`bash benchmarks/gpu.sh` (offline, under 8 minutes): forward latency "
-            "for 1 to 64 query tokens and per-mode decode tokens/s on an NLD-8B-shaped model "
-            "with random weights, or a local checkpoint with `--model PATH`; it writes "
-            "`benchmarks/gpu_results.json`, which this section shows when present.", ""]
+    """``benchmarks/gpu/gpu_results.md`` (written by ``bash benchmarks/gpu.sh``) if present."""
+    path = HERE / "gpu" / "gpu_results.md"
+    head = ["## GPU", "", "`bash benchmarks/gpu.sh` (offline, under 8 minutes on one GPU): an "
+            "NLD-8B-shaped model with random bf16 weights; the forward-cost curve for 1 to 64 "
+            "query tokens, ar batch 1 tokens/s as a percentage of the HBM roofline (weight "
+            "bytes / measured copy bandwidth), and every mode at batch 1, 8 and 32 with forced "
+            "acceptance 1, 3 and 6 for the speculative modes, CUDA graphs on and off. It writes "
+            "`benchmarks/gpu/gpu_results.json` and `gpu_results.md`, which this section shows "
+            "when present.", ""]
     if not path.exists():
         return head + ["Not run yet: no GPU was available when this file was regenerated. Its "
-                       "CPU path is tested with a tiny shape (`bash benchmarks/gpu.sh --shape "
-                       "tiny --device cpu --out /tmp/gpu_cpu.json`).", ""]
-    r = json.loads(path.read_text())
-    widths = sorted({row["tokens"] for row in r["forward_cost"]})
-    lines = head + [f"{r['model']} on {r['device']}, {r['dtype']}, prefix {r['prefix']}, "
-                    f"max_tokens {r['max_tokens']}, block_length {r['block_length']}, "
-                    f"total {r['total_s']} s.", "",
-                    "| batch | " + " | ".join(f"{w} tok ms" for w in widths) + " |",
-                    "|---:|" + "---:|" * len(widths)]
-    for b in sorted({row["batch_size"] for row in r["forward_cost"]}):
-        ms = {row["tokens"]: row["seconds"] * 1000 for row in r["forward_cost"]
-              if row["batch_size"] == b}
-        lines.append(f"| {b} | " + " | ".join(f"{ms[w]:.2f}" for w in widths) + " |")
-    lines += ["", "| mode | batch | tokens/s | tokens/forward |", "|---|---:|---:|---:|"]
-    lines += [f"| {d['mode']} | {d['batch_size']} | {d['tokens_per_s']} | {d['tokens_per_forward']} |"
-              for d in r["decode"]]
-    return lines + [""]
+                       "CPU path is tested with a tiny shape (`OUT=/tmp/g bash benchmarks/gpu.sh "
+                       "--shape tiny --device cpu --batch-sizes 1,2`); on a machine without CUDA "
+                       "it stops at once with a message.", ""]
+    return head + [path.read_text(), ""]
 
 
 def sol_section(result: dict) -> list[str]:

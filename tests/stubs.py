@@ -225,7 +225,7 @@ class StubModel:
         return out
 
     def __call__(self, tokens, cache, n_valid, bidirectional, write, adapter,
-                 attention=None, offsets=None) -> torch.Tensor:
+                 attention=None, offsets=None, plan=None) -> torch.Tensor:
         if len(self.calls) >= self.max_forwards:
             raise AssertionError(f"more than {self.max_forwards} forwards: no progress")
         if self.before_forward is not None:
@@ -334,7 +334,7 @@ class ContextFreeStub:
         return KVCache(1, rows, 1, 1, capacity, torch.float32, self.device, zeroed)
 
     def __call__(self, tokens, cache, n_valid, bidirectional, write, adapter,
-                 attention=None, offsets=None) -> torch.Tensor:
+                 attention=None, offsets=None, plan=None) -> torch.Tensor:
         self.forwards += 1
         if self.forwards > self.max_forwards:
             raise AssertionError(f"more than {self.max_forwards} forwards: no progress")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimode.decoding import sampling
-from trimode.decoding import rng, select
+from trimode.decoding import rng, sampling, select
 from trimode.params import SamplingParams
 
 MASK = 3

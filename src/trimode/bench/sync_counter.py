@@ -36,9 +36,7 @@ class SyncCounter(TorchFunctionMode):
             self._count(name, source.element_size())
         elif name in WHOLE and source is not None:
             self._count(name, source.nbytes)
-        elif name == "nonzero" and isinstance(result, torch.Tensor):
-            self._count(name, result.nbytes)
-        elif (name == "to" and source is not None and source.device.type != "cpu"
+        elif name == "nonzero" and isinstance(result, torch.Tensor) or (name == "to" and source is not None and source.device.type != "cpu"
               and isinstance(result, torch.Tensor) and result.device.type == "cpu"):
             self._count(name, result.nbytes)
         return result

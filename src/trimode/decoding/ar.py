@@ -1,20 +1,11 @@
-"""ar (docs/spec.md section 4): one causal token per forward; ``ar_token`` is also the
-causal pick the other modes use for seeds and bonus tokens."""
+"""ar (docs/spec.md section 4): one causal token per forward (the pick itself is
+``Sequence.take`` of a one-slot selection, as for every mode's seeds)."""
 
 from __future__ import annotations
 
-import torch
-
-from .sampling import pick
+from .batch import Need, Result
 from .sequence import Sequence, Step
 from .strategy import Strategy
-
-
-def ar_token(seq: Sequence, logits: torch.Tensor) -> int:
-    """The token the causal logits of the last position choose (greedy or sampled)."""
-    token = int(pick(logits[-1:], seq.params, seq.mask_token_id, seq.generator)[0])
-    seq.note(len(seq.generated), logits[-1], token)
-    return token
 
 
 class ARStrategy(Strategy):
@@ -23,17 +14,20 @@ class ARStrategy(Strategy):
     needs_mask = False
     blocks = False
 
-    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        self._emit(seq, logits, "prefill")
+    def begin(self, seq: Sequence, result: Result) -> None:
+        self._emit(seq, result, "prefill")
 
     def next_step(self, seq: Sequence) -> Step:
         return Step([self.pending_token], "ar")
 
-    def update(self, seq: Sequence, logits: torch.Tensor) -> None:
-        self._emit(seq, logits[-1:], "ar")
+    def need(self, seq: Sequence, step: Step) -> Need:
+        return seq.need([len(step.tokens) - 1])
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, kind: str) -> None:
-        self.pending_token = ar_token(seq, logits)
+    def apply(self, seq: Sequence, result: Result) -> None:
+        self._emit(seq, result, "ar")
+
+    def _emit(self, seq: Sequence, result: Result, kind: str) -> None:
+        self.pending_token = seq.take(result)
         seq.record(kind, [len(seq.generated)], [self.pending_token])
         seq.commit([self.pending_token])
 

@@ -5,10 +5,7 @@ too); a causal commit pass (adapter off) writes clean KV and gives the next seed
 
 from __future__ import annotations
 
-import torch
-
-from .ar import ar_token
-from .sampling import confidence, pick
+from .batch import Need, Result
 from .sequence import Sequence, Step
 from .strategy import Strategy
 
@@ -25,14 +22,16 @@ class DiffusionStrategy(Strategy):
     The last block keeps its full ``block_length`` (so a shorter ``max_tokens`` returns a
     prefix of a longer run); denoising stops once every slot within the limit is unmasked
     or a stop token has no mask to its left, and the finished row skips the commit pass.
+    A denoising pass needs logits at the masked slots only: their candidates, confidences and
+    the choice among them are computed on the device (``batch.py``).
     """
 
     mode = "diffusion"
     tunes_threshold = True
     equals_ar = False
 
-    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        seed = ar_token(seq, logits)
+    def begin(self, seq: Sequence, result: Result) -> None:
+        seed = seq.take(result)
         seq.record("prefill", [0], [seed])
         self._new_block(seq, seed)
 
@@ -65,33 +64,27 @@ class DiffusionStrategy(Strategy):
                         adapter=seq.denoise_adapter)
         return Step(list(self.block), "commit")
 
-    def update(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def need(self, seq: Sequence, step: Step) -> Need:
         if self.phase == "commit":
-            seed = ar_token(seq, logits)
+            return seq.need([len(self.block) - 1])
+        masked = [i for i, t in enumerate(self.block) if t == seq.mask_token_id]
+        quota = self.schedule[min(self.passes, len(self.schedule) - 1)]
+        return seq.need(masked, choose=True, threshold=seq.params.threshold, quota=quota)
+
+    def apply(self, seq: Sequence, result: Result) -> None:
+        if self.phase == "commit":
+            seed = seq.take(result)
             seq.record("commit", [self.offset + len(self.block)], [seed])
             self._new_block(seq, seed)
             return
-        chosen = self._select(seq, logits)
+        masked = [i for i, t in enumerate(self.block) if t == seq.mask_token_id]
+        self.passes += 1
+        chosen = [masked[k] for k in result.chosen]  # indices into the masked slots, ascending
+        for k, i in zip(result.chosen, chosen):
+            self.block[i] = result.tokens[k]
+            seq.note(self.offset + i, result.logprob(k, self.block[i]))
         seq.record("denoise", [self.offset + i for i in chosen], [self.block[i] for i in chosen])
         self._finish_block_if_done(seq)
-
-    def _select(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
-        """Unmask the most confident masked slot plus every one reaching ``threshold``."""
-        params = seq.params
-        masked = torch.tensor([t == seq.mask_token_id for t in self.block])
-        cand = pick(logits, params, seq.mask_token_id, seq.generator)
-        conf = confidence(logits, cand).masked_fill(~masked, float("-inf"))
-        if params.threshold is None:
-            quota = max(self.schedule[min(self.passes, len(self.schedule) - 1)], 1)
-            chosen = torch.topk(conf, min(quota, int(masked.sum()))).indices.tolist()
-        else:
-            order = torch.topk(conf, int(masked.sum())).indices.tolist()
-            chosen = [order[0]] + [i for i in order[1:] if float(conf[i]) >= params.threshold]
-        self.passes += 1
-        for i in chosen:
-            self.block[i] = int(cand[i])
-            seq.note(self.offset + i, logits[i], self.block[i])
-        return sorted(chosen)
 
     @classmethod
     def scratch_slots(cls, block_length: int, max_tokens: int,
@@ -110,3 +103,7 @@ class DiffusionStrategy(Strategy):
     def pending(self, seq: Sequence) -> list[int]:
         """block[0] is the uncommitted seed; nothing is pending while committing."""
         return [] if self.phase == "commit" else self.block[: getattr(self, "limit", None)]
+
+    def block_window(self, seq: Sequence) -> tuple[int, int] | None:
+        """The block being denoised up to its limit (its seed is not committed yet)."""
+        return self.offset, self.offset + self.limit

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .ar import ar_token
-from .sampling import confidence, pick, target_log_probs
+from .batch import Need, Result
 from .sequence import Sequence, Step
 from .strategy import Strategy
-from .verify import accept
+from .verify import accept, verify_need
 
 
 def draft_with_seed_copy(block: list[int]) -> Step:
@@ -49,8 +48,8 @@ class LinearSpecStrategy(Strategy):
 
     mode = "linear_spec"
 
-    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        seed = ar_token(seq, logits)
+    def begin(self, seq: Sequence, result: Result) -> None:
+        seed = seq.take(result)
         seq.record("prefill", [0], [seed])
         seq.commit([seed])
         self._new_block(seq, seed)
@@ -58,7 +57,7 @@ class LinearSpecStrategy(Strategy):
     def _new_block(self, seq: Sequence, seed: int) -> None:
         length = max(1, min(seq.block_length, seq.remaining))
         self.block = [seed] + [seq.mask_token_id] * (length - 1)
-        self.draft_log_probs: dict[int, torch.Tensor] = {}
+        self.draft_log_probs: torch.Tensor | None = None  # [L - 1, V], on the device
         self.phase = "draft" if length > 1 else "verify"
 
     def next_step(self, seq: Sequence) -> Step:
@@ -69,38 +68,40 @@ class LinearSpecStrategy(Strategy):
             return draft_with_seed_copy(self.block)
         return Step(list(self.block), "verify")
 
-    def update(self, seq: Sequence, logits: torch.Tensor) -> None:
-        if self.phase == "draft":
-            if logits.shape[0] > len(self.block):  # the causal seed copy gives slot 1
-                logits = torch.cat([logits[:1], logits[-1:], logits[2 : len(self.block)]])
-            self._draft(seq, logits)
-        else:
-            self._verify(seq, logits)
+    def need(self, seq: Sequence, step: Step) -> Need:
+        if self.phase == "verify":
+            return verify_need(seq, self.block, list(range(len(self.block))), self.draft_log_probs)
+        masked = [i for i, t in enumerate(self.block) if t == seq.mask_token_id]
+        # with the causal seed copy (the last query), slot 1's logits come from it
+        slots = [len(self.block) if i == 1 and len(step.tokens) > len(self.block) else i
+                 for i in masked]
+        if seq.params.threshold != 0:
+            return seq.need(slots, choose=True, draft=True, threshold=seq.params.threshold)
+        keep = list(range(len(slots))) if seq.params.temperature > 0 else []
+        return seq.need(slots, keep=keep)
 
-    def _draft(self, seq: Sequence, logits: torch.Tensor) -> None:
-        params = seq.params
+    def apply(self, seq: Sequence, result: Result) -> None:
+        if self.phase == "draft":
+            self._draft(seq, result)
+        else:
+            self._verify(seq, result)
+
+    def _draft(self, seq: Sequence, result: Result) -> None:
         mask_id = seq.mask_token_id
         masked = [i for i, t in enumerate(self.block) if t == mask_id]
-        cand = pick(logits, params, mask_id, seq.generator)
-        if params.threshold == 0:
-            chosen = masked
-            if params.temperature > 0:
-                logp = target_log_probs(logits.cpu(), params, mask_id)
-                self.draft_log_probs = {i: logp[i] for i in masked}
-        else:
-            conf = confidence(logits, cand)[masked]
-            order = torch.argsort(conf, descending=True, stable=True).tolist()
-            chosen = [masked[order[0]]] + [masked[o] for o in order[1:]
-                                           if float(conf[o]) >= params.threshold]
-        for i in chosen:
-            self.block[i] = int(cand[i])
+        chosen = result.chosen if seq.params.threshold != 0 else range(len(masked))
+        if seq.params.threshold == 0 and seq.params.temperature > 0:
+            self.draft_log_probs = result.q
+        for k in chosen:
+            self.block[masked[k]] = result.tokens[k]
         base = len(seq.generated) - 1
-        seq.record("draft", [base + i for i in sorted(chosen)], [self.block[i] for i in sorted(chosen)])
+        done = sorted(masked[k] for k in chosen)
+        seq.record("draft", [base + i for i in done], [self.block[i] for i in done])
         if all(t != mask_id for t in self.block):
             self.phase = "verify"
 
-    def _verify(self, seq: Sequence, logits: torch.Tensor) -> None:
-        accepted = accept(seq, self.block, self.draft_log_probs, logits)
+    def _verify(self, seq: Sequence, result: Result) -> None:
+        accepted = accept(seq, self.block, result)
         seq.rollback = len(self.block) - len(accepted)
         if not seq.finished:
             self._new_block(seq, accepted[-1])

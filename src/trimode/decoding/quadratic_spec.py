@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .ar import ar_token
-from .sampling import pick, target_log_probs
+from .batch import Need, Result
 from .sequence import Sequence, Step
 from .strategy import Strategy
-from .verify import accept
+from .verify import accept, verify_need
 
 
 def quadratic_layout(verify_length: int, block_length: int,
@@ -71,17 +70,18 @@ class QuadraticSpecStrategy(Strategy):
     mode = "quadratic_spec"
     shrink_hint = "block_length or draft_segments"
 
-    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        seed = ar_token(seq, logits)
+    def begin(self, seq: Sequence, result: Result) -> None:
+        seed = seq.take(result)
         seq.record("prefill", [0], [seed])
         seq.commit([seed])
         self.last_accepted = seq.block_length - 1
-        self._new_cycle(seq, seed, drafts=[], draft_log_probs={})
+        self._new_cycle(seq, seed, drafts=[], draft_log_probs=None)
 
-    def _new_cycle(self, seq: Sequence, seed: int, drafts: list[int], draft_log_probs: dict) -> None:
+    def _new_cycle(self, seq: Sequence, seed: int, drafts: list[int],
+                   draft_log_probs: torch.Tensor | None) -> None:
         length = max(1, min(1 + len(drafts), seq.remaining))
         self.block = [seed] + drafts[: length - 1]
-        self.draft_log_probs = {i: lp for i, lp in draft_log_probs.items() if i < length}
+        self.draft_log_probs = None if draft_log_probs is None else draft_log_probs[: length - 1]
         self.segments = self._segments(len(self.block), seq)
         self.width = min(seq.block_length, seq.remaining)  # draft segment length
         self.phase = "fused"
@@ -103,31 +103,38 @@ class QuadraticSpecStrategy(Strategy):
         return Step(self.block + masks, "fused", attention=attention, offsets=offsets,
                     adapter_tokens=adapter)
 
-    def update(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def need(self, seq: Sequence, step: Step) -> Need:
+        """The verify slots, then slots 1 .. width-1 of every draft segment (whose target
+        log-probs stay on the device at temperature > 0, for the next cycle's verify)."""
         verify_length = len(self.block)
-        accepted = accept(seq, self.block, self.draft_log_probs, logits[:verify_length])
+        drafts = [verify_length + n * self.width + j for n in range(len(self.segments))
+                  for j in range(1, self.width)]
+        keep = list(range(verify_length, verify_length + len(drafts))) \
+            if seq.params.temperature > 0 else []
+        return verify_need(seq, self.block, list(range(verify_length)) + drafts,
+                           self.draft_log_probs, keep=keep)
+
+    def apply(self, seq: Sequence, result: Result) -> None:
+        verify_length = len(self.block)
+        accepted = accept(seq, self.block, result)
         c = len(accepted) - 1
         if verify_length > 1:  # a bonus-only cycle has one outcome and says nothing
             self.last_accepted = c
         seq.rollback = len(self.block) + len(self.segments) * self.width - (c + 1)
         if seq.finished:
             return
-        drafts, log_probs = self._drafts_for(seq, logits, verify_length, c)
+        drafts, log_probs = self._drafts_for(seq, result, verify_length, c)
         self._new_cycle(seq, accepted[-1], drafts, log_probs)
 
-    def _drafts_for(self, seq: Sequence, logits: torch.Tensor, verify_length: int,
-                    c: int) -> tuple[list[int], dict]:
+    def _drafts_for(self, seq: Sequence, result: Result, verify_length: int,
+                    c: int) -> tuple[list[int], torch.Tensor | None]:
         if c not in self.segments:
-            return [], {}
-        start = verify_length + self.segments.index(c) * self.width
-        segment = logits[start + 1 : start + self.width]
-        drafts = pick(segment, seq.params, seq.mask_token_id, seq.generator).tolist()
+            return [], None
+        start = self.segments.index(c) * (self.width - 1)
+        drafts = result.tokens[verify_length + start : verify_length + start + self.width - 1]
         base = len(seq.generated)
         seq.record("draft", list(range(base, base + len(drafts))), drafts)
-        log_probs = {}
-        if seq.params.temperature > 0:
-            logp = target_log_probs(segment.cpu(), seq.params, seq.mask_token_id)
-            log_probs = {i + 1: logp[i] for i in range(len(drafts))}
+        log_probs = None if result.q is None else result.q[start : start + self.width - 1]
         return drafts, log_probs
 
     @classmethod

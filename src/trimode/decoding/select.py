@@ -46,7 +46,7 @@ class RowSampling:
     top_p_on: bool
 
     @classmethod
-    def of(cls, rows: list[tuple], device: torch.device) -> "RowSampling":
+    def of(cls, rows: list[tuple], device: torch.device) -> RowSampling:
         """``rows``: one ``(params, seed, site, stream)`` per logits row (SamplingParams,
         int seed, int draw-site counter, rng stream id)."""
         temps = [float(p.temperature) for p, *_ in rows]
@@ -59,7 +59,7 @@ class RowSampling:
                    [i for i, t in enumerate(temps) if t > 0],
                    any(p.top_k for p, *_ in rows), any(p.top_p < 1.0 for p, *_ in rows))
 
-    def subset(self, index: list[int]) -> "RowSampling":
+    def subset(self, index: list[int]) -> RowSampling:
         """The settings of rows ``index`` (host list), in that order."""
         at = torch.tensor(index, dtype=torch.long, device=self.keys.device)
         sampled = set(self.sampled)
@@ -97,9 +97,11 @@ def target_log_probs(logits: torch.Tensor, s: RowSampling, mask_token_id: int | 
     return torch.log_softmax(z, dim=-1)
 
 
-def pick(logits: torch.Tensor, s: RowSampling, mask_token_id: int | None) -> torch.Tensor:
-    """One token per row of ``logits`` ``[M, V]`` -> int64 ``[M]`` on the logits' device."""
-    tokens = candidate_logits(logits, mask_token_id).argmax(dim=-1)
+def pick(logits: torch.Tensor, s: RowSampling, mask_token_id: int | None,
+         greedy: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` ``[M, V]`` -> int64 ``[M]`` on the logits' device.
+    ``greedy``: the rows' argmax without the mask id, when the caller has it already."""
+    tokens = candidate_logits(logits, mask_token_id).argmax(dim=-1) if greedy is None else greedy.clone()
     if s.sampled:
         sub = s.subset(s.sampled) if len(s.sampled) < len(tokens) else s
         at = torch.tensor(s.sampled, dtype=torch.long, device=tokens.device)

@@ -7,6 +7,7 @@ nothing after the first stop token, never more than ``max_tokens``, never the ma
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,6 +16,7 @@ import torch
 
 from ..outputs import ForwardTrace, RequestMetrics, TokenLogprob
 from ..params import SamplingParams
+from .batch import Need, Result
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,10 @@ class Sequence:
         self.mask_token_id = mask_token_id
         self.block_length = block_length
         self.denoise_adapter = denoise_adapter  # draft adapter also on for diffusion denoising
-        self.generator = torch.Generator().manual_seed(
-            params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        # random draws are keyed by (seed, draw, slot): see decoding/rng.py
+        self.seed = params.seed if params.seed is not None else secrets.randbits(62)
+        self.draws = 0  # selections made so far (one per forward this request took part in)
+        self.forced_acceptance: int | None = None  # bench only: verification accepts exactly k
         self.generated: list[int] = []
         self.finish_reason: str | None = None
         self.metrics = RequestMetrics(trace=[] if params.trace else None)
@@ -112,17 +116,29 @@ class Sequence:
                 self.finish_reason = "length"
         return used
 
-    def note(self, position: int, logits: torch.Tensor, token: int) -> None:
-        """Remember ``token``'s log-probability under ``logits`` ``[V]`` for generated
-        position ``position`` (used by ``commit`` when logprobs were requested)."""
-        if self.logprobs is None:
-            return
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        top: tuple = ()
-        if self.params.logprobs:
-            values, ids = torch.topk(logp, min(self.params.logprobs, logp.shape[-1]))
-            top = tuple(zip(ids.tolist(), values.tolist()))
-        self._noted[position] = TokenLogprob(int(token), float(logp[token]), top)
+    def need(self, slots: list[int], **kw) -> Need:
+        """What this request needs from its next forward's logits at ``slots`` (see
+        ``batch.Need`` for ``kw``); each call is one forward's draw site."""
+        need = Need(self.params, self.seed, self.draws, slots, **kw)
+        self.draws += 1
+        return need
+
+    def take(self, result: Result) -> int:
+        """The single token a one-slot selection chose (AR step, prefill, commit pass)."""
+        token = result.tokens[0]
+        self.note(len(self.generated), result.logprob(0, token))
+        return token
+
+    def note(self, position: int, logprob: TokenLogprob | None) -> None:
+        """Remember the log-probability of the token chosen for generated position
+        ``position`` (used by ``commit`` when logprobs were requested)."""
+        if self.logprobs is not None and logprob is not None:
+            self._noted[position] = logprob
+
+    def forced(self, accepted: int, drafts: int) -> int:
+        """``accepted`` drafts, or exactly ``forced_acceptance`` of them in benchmarks that
+        set it (random-weight runs at a realistic acceptance; never set by the API)."""
+        return accepted if self.forced_acceptance is None else min(self.forced_acceptance, drafts)
 
     def finish(self, reason: str, error: str | None = None) -> None:
         """End the request now (``abort`` or ``error``) keeping what was committed."""

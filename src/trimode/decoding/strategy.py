@@ -1,9 +1,13 @@
 """The strategy interface every decoding mode implements (one file per mode, see registry.py).
 
-A strategy sees one request: after the causal prefill it gets the prefill's last logits
-(``start``); then it names the next forward it needs (``next_step``) and consumes that
-forward's logits (``update``). It never touches tensors of other requests or the cache;
-cropping after a rejected draft is requested through ``Sequence.rollback``.
+A strategy sees one request: after the causal prefill it gets the prefill's choice
+(``begin``); then it names the next forward it needs (``next_step``) and what it needs from
+that forward's logits (``need``: which query slots, which selection rule), and consumes the
+selection (``apply``), which the model runner computes on the device for all rows of all
+modes at once (``batch.select_rows``). It never touches tensors: only token ids and a few
+integers reach it (draft log-probs stay on the device as an opaque handle). Cropping after a
+rejected draft is requested through ``Sequence.rollback``. ``start`` / ``update`` do the
+same from one request's logits (tests and tools that run a forward by hand).
 
 A strategy class also owns what the rest of trimode needs to know about its mode without
 asking for the mode's name: its sizing (scratch cache slots, the widest step, how the
@@ -19,6 +23,7 @@ from typing import ClassVar
 
 import torch
 
+from .batch import Need, Result, select_rows
 from .sequence import Sequence, Step
 
 
@@ -38,16 +43,30 @@ class Strategy(ABC):
     # ---------------------------------------------------------------- stepping
 
     @abstractmethod
-    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Consume the prefill's last logits ``[1, V]``."""
+    def begin(self, seq: Sequence, result: Result) -> None:
+        """Consume the prefill's choice (``seq.need([last slot])``'s result)."""
 
     @abstractmethod
     def next_step(self, seq: Sequence) -> Step:
         """The forward this request needs next."""
 
     @abstractmethod
+    def need(self, seq: Sequence, step: Step) -> Need:
+        """What to select from that forward's logits (built with ``seq.need``)."""
+
+    @abstractmethod
+    def apply(self, seq: Sequence, result: Result) -> None:
+        """Consume the selection of ``need``."""
+
+    def start(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """``begin`` from the prefill's last logits ``[1, V]``."""
+        self.begin(seq, select_rows(logits[-1:], [seq.need([0])], seq.mask_token_id)[0])
+
     def update(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Consume that forward's logits ``[len(step.tokens), V]``."""
+        """``apply`` from the logits ``[len(step.tokens), V]`` of the Step ``next_step`` names."""
+        need = self.need(seq, self.next_step(seq))
+        rows = logits[torch.tensor(need.slots, device=logits.device)]
+        self.apply(seq, select_rows(rows, [need], seq.mask_token_id)[0])
 
     # ---------------------------------------------------------------- sizing
 
@@ -73,3 +92,12 @@ class Strategy(ABC):
         """Block tokens shown after the committed text (masks included), not yet committed."""
         block = list(getattr(self, "block", None) or [])
         return block[1:]
+
+    def block_window(self, seq: Sequence) -> tuple[int, int] | None:
+        """Generated-text positions ``[start, end)`` of the current block (its committed
+        seed first), or None for a mode without blocks; read by ``decoding/events.py``."""
+        block = getattr(self, "block", None)
+        if not block:
+            return None
+        start = len(seq.generated) - 1
+        return start, start + len(block)

@@ -1,60 +1,52 @@
-"""Verification shared by the speculative modes (linear_spec, quadratic_spec).
+"""Verification shared by the speculative modes (linear_spec, quadratic_spec), on the host
+side of the batched selection (``batch.py`` does the tensor work on the device).
 
 At temperature 0 the reference's exact match: accept draft i+1 while it equals the AR
 argmax at i, then the bonus token. At temperature > 0 with one-pass drafts (their draft
-log-probabilities known), speculative sampling (Leviathan et al. 2023): accept with
-probability min(1, p/q), else draw from the normalised max(p - q, 0), so the output is
-exactly AR sampling. Otherwise the reference's sample-and-match rule.
+log-probabilities kept on the device), speculative sampling (Leviathan et al. 2023), done on
+the device: accept with probability min(1, p/q), else draw from the normalised max(p - q, 0),
+so the output is exactly AR sampling. Otherwise the reference's sample-and-match rule.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .sampling import pick, sample_from, target_log_probs
+from .batch import Need, Result
 from .sequence import Sequence
 
 
-def accept(seq: Sequence, block: list[int], draft_log_probs: dict[int, torch.Tensor],
-           verify_logits: torch.Tensor) -> list[int]:
-    """Verify ``block`` = [seed, drafts...] against ``verify_logits`` ``[L, V]``, commit the
-    accepted drafts plus the bonus token, and return them (the cache still holds all L
-    slots). ``draft_log_probs[i]``: the draft distribution of block slot i, when known."""
-    accepted = verified(seq, block[1:], draft_log_probs, verify_logits)
+def verify_need(seq: Sequence, block: list[int], slots: list[int],
+                draft_log_probs: torch.Tensor | None, **kw) -> Need:
+    """The Need of a verify segment: ``slots`` start with the block's ``len(block)`` verify
+    slots, which check ``block[1:]``; ``draft_log_probs`` (``[len(block) - 1, V]`` on the
+    device) turn on speculative sampling at temperature > 0."""
+    sampled = seq.params.temperature > 0 and len(block) > 1
+    return seq.need(slots, verify=len(block), drafts=block[1:],
+                    q=draft_log_probs if sampled else None, **kw)
+
+
+def accept(seq: Sequence, block: list[int], result: Result) -> list[int]:
+    """Commit the drafts of ``block`` = [seed, drafts...] the verify accepted plus the bonus
+    token, and return them (the cache still holds all L slots)."""
+    accepted = verified(seq, block[1:], result)
     start = len(seq.generated)
     for j, token in enumerate(accepted):
-        seq.note(start + j, verify_logits[j], token)
+        seq.note(start + j, result.logprob(j, token))
     used = seq.commit(accepted)
     seq.record("verify", list(range(start, start + used)), accepted[:used])
     seq.verifies += 1
     return accepted
 
 
-def verified(seq: Sequence, drafts: list[int], draft_log_probs: dict[int, torch.Tensor],
-             verify_logits: torch.Tensor) -> list[int]:
+def verified(seq: Sequence, drafts: list[int], result: Result) -> list[int]:
     """The accepted drafts plus the bonus token (nothing committed)."""
-    if seq.params.temperature > 0 and draft_log_probs:
-        return speculative_sampling(seq, verify_logits, drafts, draft_log_probs)
-    ar = pick(verify_logits, seq.params, seq.mask_token_id, seq.generator).tolist()
+    if result.accepted is not None:  # speculative sampling, done on the device
+        c = seq.forced(result.accepted, len(drafts))
+        return drafts[:c] + [result.final if c == result.accepted else result.tokens[c]]
+    ar = result.tokens[: len(drafts) + 1]
     c = 0
     while c < len(drafts) and ar[c] == drafts[c]:
         c += 1
-    return ar[: c + 1]
-
-
-def speculative_sampling(seq: Sequence, logits: torch.Tensor, drafts: list[int],
-                         draft_log_probs: dict[int, torch.Tensor]) -> list[int]:
-    target = target_log_probs(logits.cpu(), seq.params, seq.mask_token_id).exp()
-    accepted: list[int] = []
-    for j, token in enumerate(drafts):
-        p, q = target[j], draft_log_probs[j + 1].exp()
-        u = float(torch.rand((), generator=seq.generator, dtype=torch.float64))
-        if u < min(1.0, float(p[token] / q[token])):
-            accepted.append(token)
-            continue
-        residual = (p - q).clamp_min(0)
-        total = float(residual.sum())
-        accepted.append(sample_from(residual / total if total > 0 else p, seq.generator))
-        return accepted
-    accepted.append(sample_from(target[len(drafts)], seq.generator))
-    return accepted
+    c = seq.forced(c, len(drafts))
+    return drafts[:c] + [ar[c]]

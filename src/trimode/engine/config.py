@@ -28,6 +28,8 @@ class EngineConfig:
         with a running request's prompt copies their KV instead of recomputing it (prefix
         sharing); 0 turns it off.
     auto: the policy for ``mode="auto"``.
+    cuda_graphs: on CUDA, replay captured graphs of the decode forward (``cuda_graphs.py``);
+        False runs every forward eagerly. No effect on CPU.
     """
 
     max_num_seqs: int = 16
@@ -37,6 +39,7 @@ class EngineConfig:
     scratch_tokens: int = 256
     min_shared_prefix: int = 16
     auto: AutoPolicy = field(default_factory=AutoPolicy)
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "scratch_tokens"):
@@ -46,6 +49,8 @@ class EngineConfig:
         if self.kv_cache_memory is not None:
             check_int("kv_cache_memory", self.kv_cache_memory, 1)
         check_int("min_shared_prefix", self.min_shared_prefix, 0)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False; got {self.cuda_graphs!r}")
         if not isinstance(self.auto, AutoPolicy):
             raise ValueError(f"auto must be an AutoPolicy; got {self.auto!r}")
 

@@ -18,8 +18,10 @@ the admission budget (``max_num_batched_tokens``) bounds the padding.
 
 The scheduler (``scheduler.py``) decides *who* runs and how many query tokens each may use
 (admission against rows, the token budget and the KV reservation); strategies decide *what*
-the tokens are; the model runner (``model_runner.py``) builds the tensors and runs the
-forward. KV memory is a preallocated :class:`~trimode.engine.kv_pool.KVPool`; a request
+the tokens are and what to select from their logits; the model runner (``model_runner.py``)
+builds the tensors, runs the forward (a captured CUDA graph where one fits) and selects every
+row's tokens on the device in one batch, so a step copies only token ids and a few integers
+per row to the host. KV memory is a preallocated :class:`~trimode.engine.kv_pool.KVPool`; a request
 reserves its whole row at admission, so a running request never waits for memory, and its
 row is freed on finish, cancellation or error.
 """
@@ -38,7 +40,7 @@ from ..decoding.registry import STRATEGIES, scratch_slots
 from ..decoding.sequence import Sequence, Step
 from ..multimodal.requests import attach_features, check_images, prefill_step
 from ..defaults import AUTO, CONTEXT_CAP
-from ..params import SamplingParams
+from ..params import ParamError, SamplingParams
 from . import model_runner
 from .config import EngineConfig
 from .kv_pool import KVPool, kv_bytes_per_token
@@ -82,6 +84,14 @@ class Engine:
         self.forwards = 0
         self.shared_prefix_tokens = 0  # prompt tokens whose prefill prefix sharing saved
         self.denoise_adapter = False  # the draft adapter also denoises (LLM sets it)
+        # benchmarks only (never set by LLM, the CLI or the server): verification accepts
+        # exactly this many drafts, so random-weight runs see a realistic acceptance
+        self.forced_acceptance: int | None = None
+        self.graphs = None  # captured decode forwards (CUDA only; EngineConfig.cuda_graphs)
+        if self.config.cuda_graphs and torch.device(model.device).type == "cuda":
+            from .cuda_graphs import GraphRunner
+
+            self.graphs = GraphRunner(model)
 
     @property
     def waiting(self):
@@ -234,7 +244,10 @@ class Engine:
         view = self.pool.view(start, start + len(seqs))
         assert [s.row for s in seqs] == list(range(start, start + len(seqs)))
         try:
-            logits, bad = model_runner.run(self.model, view, steps, prefill)
+            needs = [s.need([len(step.tokens) - 1]) if prefill else s.strategy.need(s, step)
+                     for s, step in zip(seqs, steps)]
+            results = model_runner.forward_select(self.model, view, steps, needs,
+                                                  None if prefill else self.graphs)
         except Exception as exc:  # a failed forward ends its requests, never the engine
             log.exception("forward failed")
             for s in seqs:
@@ -243,25 +256,24 @@ class Engine:
             return
         self.pool.sync(view, start)
         self.forwards += 1
-        for i, (seq, step) in enumerate(zip(seqs, steps)):
+        for seq, result in zip(seqs, results):
             seq.metrics.nfe += 1
-            if bad[i]:
+            if result.bad:
                 seq.finish("error", "the model produced NaN or +inf logits")
                 continue
             try:
                 if prefill:
                     seq.strategy = STRATEGIES[seq.params.mode]()
-                    seq.strategy.start(seq, logits[i : i + 1])
+                    seq.strategy.begin(seq, result)
                 else:
-                    seq.strategy.update(seq, logits[i])
+                    seq.strategy.apply(seq, result)
             except Exception as exc:
                 log.exception("request %s failed", seq.request_id)
                 seq.finish("error", f"{type(exc).__name__}: {exc}")
             if seq.on_step:
                 seq.on_step(seq)
-        rollback = torch.tensor([s.rollback for s in seqs], device=view.lengths.device)
-        if bool(rollback.any()):
-            view.crop(view.lengths - rollback)
+        if any(s.rollback for s in seqs):
+            view.crop_host([n - s.rollback for n, s in zip(view.host_lengths(), seqs)])
             self.pool.sync(view, start)
             for s in seqs:
                 s.rollback = 0
@@ -284,28 +296,35 @@ class Engine:
         mc = self.model.config
         strategy = STRATEGIES[params.mode]
         if strategy.needs_mask and mc.mask_token_id is None:
-            raise ValueError(f"mode {params.mode!r} needs a mask_token_id in the checkpoint config")
+            raise ParamError(f"mode {params.mode!r} needs a mask_token_id in the checkpoint "
+                             "config", "mode")
         block = block or params.block_length or mc.block_size
         generated = strategy.generated_positions(block, params.max_tokens)
         rounding = " after block rounding" if generated != params.max_tokens else ""
         limit = mc.max_position_embeddings
         total = len(prompt_ids) + generated
+        # the field to change: max_tokens, unless the prompt alone leaves no room
+        field = "prompt" if len(prompt_ids) >= min(self.max_model_len, limit) else "max_tokens"
+        if field == "max_tokens" and rounding:  # only the block rounding does not fit
+            field = "block_length" if len(prompt_ids) + params.max_tokens <= self.max_model_len \
+                else field
         # the tighter limit is the one named (max_model_len <= the checkpoint's limit)
         if total > self.max_model_len and self.max_model_len < limit:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
-                             f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}",
+                             field)
         if total > limit:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
-                             f"{rounding}) = {total} exceeds the context limit {limit}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds the context limit {limit}", field)
         scratch = scratch_slots(params.mode, block, params.max_tokens, params.draft_segments)
         if scratch > self.config.scratch_tokens:
-            raise ValueError(f"{params.mode} with block_length {block} needs {scratch} scratch "
+            raise ParamError(f"{params.mode} with block_length {block} needs {scratch} scratch "
                              f"positions per forward; the engine reserves scratch_tokens "
                              f"{self.config.scratch_tokens} (use a smaller "
-                             f"{strategy.shrink_hint})")
+                             f"{strategy.shrink_hint})", "block_length")
         if len(prompt_ids) > self.config.max_num_batched_tokens:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) exceeds max_num_batched_tokens "
-                             f"{self.config.max_num_batched_tokens}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) exceeds max_num_batched_tokens "
+                             f"{self.config.max_num_batched_tokens}", "prompt")
 
     def _sequence(self, prompt_ids: list[int], params: SamplingParams,
                   like: Sequence | None = None) -> Sequence:
@@ -313,9 +332,10 @@ class Engine:
         block = params.block_length or mc.block_size
         stop = set(mc.eos_token_ids) | set(params.stop_token_ids)
         seq = Sequence(prompt_ids, params, stop, mc.mask_token_id, block, self.denoise_adapter)
+        seq.forced_acceptance = self.forced_acceptance
         if like is not None:  # auto resolved at admission: keep identity, seed and arrival
             seq.request_id, seq.arrival, seq.on_step = like.request_id, like.arrival, like.on_step
-            seq.generator = like.generator
+            seq.seed = like.seed
             seq.images, seq.image_features = like.images, like.image_features
             seq.image_pad_id, seq.share_keys = like.image_pad_id, like.share_keys
         return seq

@@ -46,7 +46,7 @@ class KVPool:
             for buf in (*self.cache.keys, *self.cache.values):
                 buf[row].zero_()
             self.touched = row + 1
-        self.cache.lengths[row] = 0
+        self.cache.set_row_length(row, 0)
         self.live += 1
         return row
 
@@ -56,13 +56,17 @@ class KVPool:
             raise ValueError(f"row {row} is not live (live rows: 0 .. {self.live - 1})")
         last = self.live - 1
         moved = None
+        host = self.cache.host_lengths()
         if row != last:
-            n = int(self.cache.lengths[last])
+            n = host[last]
             for buf in (*self.cache.keys, *self.cache.values):
                 buf[row, :, :n] = buf[last, :, :n]
             self.cache.lengths[row] = n
+            host[row] = n
             moved = last
         self.cache.lengths[last] = 0
+        host[last] = 0
+        self.cache.set_host_lengths(host)
         self.live -= 1
         return moved
 
@@ -73,17 +77,21 @@ class KVPool:
         view.keys = [k[start:stop] for k in self.cache.keys]
         view.values = [v[start:stop] for v in self.cache.values]
         view.lengths = self.cache.lengths[start:stop].clone()
+        view.set_host_lengths(self.cache.host_lengths()[start:stop])
         view.capacity = self.cache.capacity
         view.zeroed = self.cache.zeroed
         return view
 
     def sync(self, view: KVCache, start: int) -> None:
         """Copy a view's lengths back into the pool."""
+        host = self.cache.host_lengths()
         self.cache.lengths[start : start + view.rows] = view.lengths
+        host[start : start + view.rows] = view.host_lengths()
+        self.cache.set_host_lengths(host)
 
     def used_positions(self) -> int:
         """Committed positions held by live rows."""
-        return int(self.cache.lengths[: self.live].sum())
+        return sum(self.cache.host_lengths()[: self.live])
 
 
 def kv_bytes_per_token(model) -> int:

@@ -19,7 +19,7 @@ def share_prefix(seq: Sequence, running: list[Sequence], cache: KVCache, minimum
     for other in running:
         if other.metrics.nfe == 0:
             continue  # admitted in this step (seq itself included): no KV yet
-        limit = min(len(prompt) - 1, int(cache.lengths[other.row]), len(other.prompt_ids))
+        limit = min(len(prompt) - 1, cache.host_lengths()[other.row], len(other.prompt_ids))
         n, other_keys = 0, share_keys(other)
         while n < limit and other_keys[n] == keys[n]:
             n += 1
@@ -29,5 +29,5 @@ def share_prefix(seq: Sequence, running: list[Sequence], cache: KVCache, minimum
         return 0
     for buf in (*cache.keys, *cache.values):
         buf[seq.row, :, :best] = buf[source, :, :best]
-    cache.lengths[seq.row] = best
+    cache.set_row_length(seq.row, best)
     return best

@@ -1,4 +1,6 @@
-"""The offline Python API: ``LLM(model).generate(prompts, params)``, ``chat`` and ``stream``.
+"""The offline Python API: ``LLM(model).generate(prompts, params)``, ``chat``, ``stream``
+and ``stream_chat`` (``chat`` and ``stream_chat`` apply the chat template; ``generate`` and
+``stream`` take raw prompts).
 
 Turns text into token ids (tokenizer.py), submits every request to the continuous-batching
 engine (engine.py: requests of all modes share each step), and turns ids back into text.
@@ -46,6 +48,7 @@ class LLM:
     quantization: None/"none", "int8", "int4" or "auto": weight-only int8/int4 linear layers on
         PyTorch's CPU kernels (``trimode.quant``); GGUF Q4_0/Q4_1/Q4_K blocks load exactly as
         int4 (the embedded model's own Q4_1 file included); "auto" follows the GGUF's type.
+    cuda_graphs: on CUDA, replay captured graphs of the decode forward (``EngineConfig``).
     Raises CheckpointError (a ValueError) for unreadable or inconsistent checkpoints and
     ValueError for out-of-range settings.
     """
@@ -55,7 +58,8 @@ class LLM:
                  draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 auto: AutoPolicy | None = None, quantization: str | None = None):
+                 auto: AutoPolicy | None = None, cuda_graphs: bool = True,
+                 quantization: str | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
@@ -65,7 +69,7 @@ class LLM:
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
                                      kv_cache_memory=kv_cache_memory,
                                      max_num_batched_tokens=max_num_batched_tokens,
-                                     auto=auto or AutoPolicy())
+                                     auto=auto or AutoPolicy(), cuda_graphs=cuda_graphs)
         from ..quant import check_scheme
 
         quantization = check_scheme(quantization)
@@ -155,16 +159,39 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return self.tokenizer.check_ids(list(prompt), self.config.vocab_size)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator["StreamChunk"]:
-        """Decode one raw prompt and yield its committed tokens as they are committed:
-        several per step in the parallel modes, in order, never revised. Each StreamChunk
-        has ``token_ids`` (new), ``text`` (new text; a multi-byte character is held back
-        until complete), ``finished``, ``finish_reason`` and the RequestUpdate.
-        Other requests may be in flight through ``generate`` only from this same thread."""
-        ids = self._prompt_ids(prompt)
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               on_step: Callable[[int, Sequence], None] | None = None) -> Iterator["StreamChunk"]:
+        """Decode one raw prompt (no chat template: use ``stream_chat`` for a conversation)
+        and yield its committed tokens as they are committed: several per step in the
+        parallel modes, in order, never revised. Each StreamChunk has ``token_ids`` (new),
+        ``text`` (new text; a multi-byte character is held back until complete),
+        ``finished``, ``finish_reason``, the RequestUpdate and, on the last chunk, the
+        RequestOutput. ``on_step`` as in ``generate`` (index 0). Stopping the iteration
+        cancels the request. Other requests may be in flight through ``generate`` only from
+        this same thread."""
+        text = prompt if isinstance(prompt, str) else None
+        return self._stream(self._prompt_ids(prompt), text, params, on_step)
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
+                    on_step: Callable[[int, Sequence], None] | None = None
+                    ) -> Iterator["StreamChunk"]:
+        """``stream`` for one conversation: the checkpoint's chat template is applied (and
+        image parts read) as in ``chat``."""
+        ids, images = chat_prompt(self.tokenizer, self.config.vision, list(messages),
+                                  self.image_limits)
+        return self._stream(ids, None, params, on_step, images or None)
+
+    def _stream(self, ids: list[int], text: str | None, params: SamplingParams | None,
+                on_step, images: list | None = None) -> Iterator["StreamChunk"]:
         params = params or SamplingParams()
         self._check_idle()
-        request_id = self.engine.add_request(ids, params)
+        self.engine.validate(ids, params, images)  # bad input fails at the call, not at next()
+        hook = (lambda seq: on_step(0, seq)) if on_step else None
+        return self._updates(ids, params, hook, text, images)
+
+    def _updates(self, ids, params, hook, prompt: str | None,
+                 images: list | None) -> Iterator["StreamChunk"]:
+        request_id = self.engine.add_request(ids, params, on_step=hook, images=images)
         shown = ""
         try:
             while True:
@@ -175,8 +202,11 @@ class LLM:
                     if not update.finished and text.endswith("\ufffd"):
                         text = text.rstrip("\ufffd")  # wait for the rest of the character
                     delta, shown = text[len(shown):], text
+                    output = None
+                    if update.finished:
+                        output = to_output(self.engine.pop_finished(request_id), prompt, text)
                     yield StreamChunk(update.new_token_ids, delta, update.finished,
-                                      update.finish_reason, update)
+                                      update.finish_reason, update, output)
                     if update.finished:
                         return
         finally:
@@ -239,6 +269,7 @@ class StreamChunk:
     finished: bool
     finish_reason: str | None
     update: RequestUpdate
+    output: RequestOutput | None = None  # the whole result, on the last chunk
 
 
 def _is_single(prompts) -> bool:

@@ -14,6 +14,23 @@ import torch
 from .kv_cache import KVCache
 
 
+@dataclass(frozen=True)
+class ForwardPlan:
+    """What the host knows about a forward, so building its metadata needs no device sync:
+    each row's cache length before it, its real tokens, and whether any token uses the
+    draft adapter."""
+
+    lengths: list[int]
+    n_valid: list[int]
+    adapter: bool
+
+    @property
+    def real_index(self) -> list[int]:
+        """Flat ``row * T + t`` indices of the real tokens (T = the widest row)."""
+        width = max(self.n_valid)
+        return [b * width + t for b, n in enumerate(self.n_valid) for t in range(n)]
+
+
 @dataclass
 class ForwardBatch:
     """What one forward needs besides token ids; built once and shared by all layers.
@@ -30,13 +47,14 @@ class ForwardBatch:
     mask: torch.Tensor
     adapter_rows: torch.Tensor | None
     write_index: tuple[torch.Tensor, torch.Tensor]
-    real: torch.Tensor | None = None  # [B, T] bool when rows are ragged (see model.py)
+    real: torch.Tensor | None = None  # [N] flat indices of real tokens when rows are ragged
 
 
 def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: torch.Tensor,
                         tokens: int, adapter_rows: torch.Tensor | None = None,
                         attention: torch.Tensor | None = None,
-                        offsets: torch.Tensor | None = None) -> ForwardBatch:
+                        offsets: torch.Tensor | None = None,
+                        plan: ForwardPlan | None = None) -> ForwardBatch:
     """Positions, write slots and attention mask for a call of ``tokens`` query slots per row.
 
     Row b has ``n_valid[b]`` real queries (right-padded to ``tokens``), written to cache slots
@@ -46,10 +64,16 @@ def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: to
     explicit ``[B, T, T]`` bool pattern is given (fused layouts). ``offsets`` ``[B, T]``
     sets each query's position relative to the row length (default ``0 .. T-1``).
     Raises ValueError when a row's real tokens would outgrow the cache capacity (padding
-    may run past it: its writes land in the last slot and nothing reads them).
+    may run past it: its writes land in the last slot and nothing reads them). With a
+    ``plan`` every tensor is built on the device without reading anything back.
     """
     lengths = cache.lengths
-    if int((lengths + n_valid).max()) > cache.capacity:
+    if plan is not None:
+        top = max(n0 + n for n0, n in zip(plan.lengths, plan.n_valid))
+        longest = max(plan.lengths)
+    else:
+        top, longest = int((lengths + n_valid).max()), int(lengths.max())
+    if top > cache.capacity:
         raise ValueError(f"KV cache capacity {cache.capacity} exceeded")
     device = lengths.device
     slots = torch.arange(tokens, device=device)
@@ -59,7 +83,7 @@ def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: to
         attention = bidirectional[:, None, None] | causal
     visible_new = attention & real[:, None, :]
     visible_new = visible_new | torch.eye(tokens, dtype=torch.bool, device=device)[None]
-    span = min(int((lengths + tokens).max()), cache.capacity)
+    span = min(longest + tokens, cache.capacity)
     j = torch.arange(span, device=device)
     prefix = (j[None, :] < lengths[:, None])[:, None, :].expand(-1, tokens, -1)
     rel = (j[None, :] - lengths[:, None]).clamp(0, tokens - 1)  # [B, S]

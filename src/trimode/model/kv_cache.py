@@ -25,6 +25,25 @@ class KVCache:
         self.zeroed = zeroed
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.capacity = capacity
+        self.set_host_lengths([0] * rows)
+
+    def host_lengths(self) -> list[int]:
+        """``lengths`` as host ints, from the mirror the engine keeps (no device sync); read
+        back once if ``lengths`` was replaced behind its back (tests, training)."""
+        if getattr(self, "_host_of", None) is not self.lengths:
+            self.set_host_lengths(self.lengths.tolist())
+        return list(self._host)
+
+    def set_host_lengths(self, host: list[int]) -> None:
+        """Record that ``lengths`` holds ``host`` (the caller knows it without a sync)."""
+        self._host, self._host_of = list(host), self.lengths
+
+    def set_row_length(self, row: int, n: int) -> None:
+        """Set one row's length, on the device and in the host mirror."""
+        host = self.host_lengths()
+        self.lengths[row] = n
+        host[row] = n
+        self.set_host_lengths(host)
 
     @property
     def rows(self) -> int:
@@ -35,6 +54,14 @@ class KVCache:
         if bool((lengths > self.lengths).any()) or bool((lengths < 0).any()):
             raise ValueError(f"crop lengths {lengths.tolist()} must lie in [0, {self.lengths.tolist()}]")
         self.lengths = lengths.to(self.lengths).clone()
+
+    def crop_host(self, lengths: list[int]) -> None:
+        """``crop`` to host ints, checked on the host (no device sync)."""
+        now = self.host_lengths()
+        if len(lengths) != len(now) or any(not 0 <= n <= m for n, m in zip(lengths, now)):
+            raise ValueError(f"crop lengths {lengths} must lie in [0, {now}]")
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.lengths.device)
+        self.set_host_lengths(lengths)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (int64 indices), in that order (drops finished requests)."""

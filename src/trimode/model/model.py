@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import ForwardBatch, build_forward_batch
+from .attention import ForwardBatch, ForwardPlan, build_forward_batch
 from .kv_cache import KVCache
 from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
@@ -79,9 +79,7 @@ class Attention(nn.Module):
         def heads(proj: Linear, n: int) -> torch.Tensor:
             y = proj(x, ad)
             if real is not None:
-                dense = y.new_zeros(b, t, y.shape[-1])
-                dense[real] = y
-                y = dense
+                y = _scatter_rows(y, real, b, t)
             return y.view(b, t, n, self.head_dim).transpose(1, 2)
 
         q = heads(self.q_proj, self.heads)
@@ -101,7 +99,7 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask,
                                            enable_gqa=self.kv_heads != self.heads)
         o = o.transpose(1, 2).reshape(b, t, -1)
-        return self.o_proj(o if real is None else o[real], ad)
+        return self.o_proj(o if real is None else o.reshape(b * t, -1)[real], ad)
 
 
 class MLP(nn.Module):
@@ -169,16 +167,18 @@ class TriModeModel(nn.Module):
                 bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
                 adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
                 offsets: torch.Tensor | None = None,
-                embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+                plan: ForwardPlan | None = None) -> torch.Tensor:
         """Inference forward (no autograd); see ``run`` for the arguments."""
         return self.run(tokens, cache, n_valid, bidirectional, write, adapter, attention, offsets,
-                        embeds=embeds)
+                        embeds=embeds, plan=plan)
 
     def run(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,
             bidirectional: torch.Tensor | bool = False, write: torch.Tensor | bool = True,
             adapter: torch.Tensor | bool = False, attention: torch.Tensor | None = None,
             offsets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-            embeds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+            plan: ForwardPlan | None = None) -> torch.Tensor:
         """Run ``tokens`` ``[B, T]`` after each row's cached prefix; return hidden ``[B, T, d]``.
 
         ``n_valid`` ``[B]``: real tokens per row (the rest is right padding; default all T).
@@ -194,7 +194,8 @@ class TriModeModel(nn.Module):
         (training's dual-stream layout, spec 2.3 (a)). ``embeds`` (``where`` ``[B, T]`` bool,
         ``values`` ``[N, d]``) replaces the token embeddings at the N ``where`` positions, in
         row-major order (image features at ``<|image_pad|>`` slots in a VLM prefill).
-        Autograd-enabled (training);
+        ``plan``: what the host already knows (cache lengths, real tokens, adapter use), so
+        the forward reads nothing back from the device. Autograd-enabled (training);
         ``forward`` is the inference entry point.
         """
         b, t = tokens.shape
@@ -205,38 +206,47 @@ class TriModeModel(nn.Module):
         adapter = _per_row(adapter, b, device)
         if adapter.dim() == 1:
             adapter = adapter[:, None].expand(b, t)
-        adapter_rows = adapter.to(self.dtype)[:, :, None] if bool(adapter.any()) else None
+        any_adapter = plan.adapter if plan is not None else bool(adapter.any())
+        adapter_rows = adapter.to(self.dtype)[:, :, None] if any_adapter else None
         batch = build_forward_batch(cache, n_valid, bidirectional, t, adapter_rows,
                                     None if attention is None else attention.to(device),
-                                    None if offsets is None else offsets.to(device))
+                                    None if offsets is None else offsets.to(device), plan)
         if mask is not None:
             batch.mask = mask.to(device)
         rope = self.rotary(batch.positions, self.dtype)
         real = None
-        if int(n_valid.sum()) < b * t:  # ragged rows: every linear layer skips the padding
-            real = torch.arange(t, device=device)[None, :] < n_valid[:, None]
+        ragged = sum(plan.n_valid) < b * t if plan is not None else int(n_valid.sum()) < b * t
+        if ragged:  # ragged rows: every linear layer skips the padding
+            if plan is not None:
+                real = torch.tensor(plan.real_index, device=device)
+            else:
+                real = (torch.arange(t, device=device)[None, :] < n_valid[:, None]).flatten().nonzero()[:, 0]
             batch.real = real
             if adapter_rows is not None:
-                batch.adapter_rows = adapter_rows[real]
-        h = self.encoder.embed_tokens(tokens if real is None else tokens[real])
+                batch.adapter_rows = adapter_rows.reshape(b * t, 1)[real]
+        h = self.encoder.embed_tokens(tokens if real is None else tokens.reshape(-1)[real])
         if embeds is not None:
             where = embeds[0].to(device)
-            where = where if real is None else where[real]
+            where = where if real is None else where.reshape(-1)[real]
             h = h.masked_scatter(where[..., None], embeds[1].to(device=device, dtype=h.dtype))
         for layer in self.encoder.layers:
             h = layer(h, batch, rope)
         cache.lengths = cache.lengths + torch.where(write, n_valid, torch.zeros_like(n_valid))
         h = self.encoder.norm(h)
-        if real is not None:
-            dense = h.new_zeros(b, t, h.shape[-1])
-            dense[real] = h
-            h = dense
-        return h
+        return h if real is None else _scatter_rows(h, real, b, t)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., d]`` -> fp32 logits ``[..., vocab]`` (confidence math is always fp32, docs/cases.md B31)."""
         return self.diffusion_head(hidden).float()
+
+
+def _scatter_rows(y: torch.Tensor, real: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """``[N, d]`` real-token rows -> ``[b, t, d]`` with zeros at the padding (``real``: flat
+    indices)."""
+    dense = y.new_zeros(b * t, y.shape[-1])
+    dense[real] = y
+    return dense.view(b, t, -1)
 
 
 def _per_row(value: torch.Tensor | bool, rows: int, device: torch.device) -> torch.Tensor:

@@ -64,8 +64,9 @@ def load(args: argparse.Namespace, stderr: Console):
             model = default_model_dir(progress=stderr.is_terminal)
         try:
             with stderr.status(f"Loading {model}"):
-                return LLM(args.model, dtype=args.dtype, device=args.device, quantization=getattr(args, "quantization", None),
-                           draft_adapter=args.draft_adapter, progress=False)
+                return LLM(args.model, dtype=args.dtype, device=args.device,
+                           draft_adapter=args.draft_adapter, progress=False, quantization=getattr(args, "quantization", None),
+                           cuda_graphs=args.cuda_graphs)
         except CheckpointError as exc:
             raise UsageError(f"{_culprit(exc)}: {exc}") from None
 

@@ -6,10 +6,11 @@ one-line ``UsageError`` in ``common.py``.
 
 Parses flags into a validated SamplingParams before any model is loaded, so a bad flag
 fails in well under a second with one line ``error: ...`` (exit 2), never a traceback
-(docs/cases.md B25). stdout carries only the answer (or one JSON object per answer with
-``--json``); loading, the metrics summary and the ``--visual`` live view go to stderr, or the
-live view to a terminal stdout, where it is cleared before the answer is printed. Knows
-nothing about decoding beyond ``LLM`` and the ``on_step`` hook.
+(docs/cases.md B25). stdout carries only the answer, printed as it is committed (or one JSON
+object per answer with ``--json``); loading, the metrics summary and the ``--visual`` live
+view go to stderr, or the live view to a terminal stdout. A subcommand whose optional extra is
+missing names the pip command before doing any work (``extras.require``). Knows nothing about
+decoding beyond ``LLM``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import sys
 from rich.console import Console
 
 from ...defaults import DRAFT_SEGMENTS, MAX_TOKENS, MODES
+from ...extras import require
 from ..server.cli import add_serve_parser
 from .common import Parser, UsageError, load, one_line, segments_arg, threshold_arg
-from .generate import DEFAULT, DIFFUSION_THRESHOLD, chat_loop, run_one, sampling_params, summary
+from .generate import (DEFAULT, DIFFUSION_THRESHOLD, Interrupted, chat_loop, decode_input,
+                       run_one, sampling_params, summary, user_text)
 from .visual import MASK_GLYPH, LiveView
 
 __all__ = ["main", "build_parser", "UsageError", "load", "summary", "LiveView", "MASK_GLYPH"]
@@ -53,6 +56,9 @@ def build_parser() -> Parser:
                    "exactly as int4; auto: follow the GGUF file's type; default: none)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on cuda, run every forward eagerly instead of replaying captured "
+                   "CUDA graphs of the decode forward")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
                    help="PEFT LoRA directory used for linear_spec / quadratic_spec draft passes "
                    "(and diffusion denoising if trained for it); 'none' for no adapter "
@@ -105,8 +111,9 @@ def build_parser() -> Parser:
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
     sub.add_parser("chat", parents=[common], help="interactive multi-turn chat",
                    description="Multi-turn chat reading one user turn per stdin line. "
-                   "/reset clears the history, /exit or end of input quits. Exits 2 if a "
-                   "turn failed.")
+                   "Commands (a line of one word starting with '/'): /help lists them, /reset "
+                   "clears the history, /exit (or end of input) quits; any other such word is "
+                   "refused, not sent. Exits 2 if a turn failed.")
     add_serve_parser(sub, threshold_arg)
     from ...bench.cli import add_parser as add_bench
 
@@ -123,6 +130,7 @@ def build_parser() -> Parser:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        require("serve", "fastapi", "uvicorn", "prometheus_client")
         from ..server.cli import serve
 
         return serve(args)
@@ -131,6 +139,7 @@ def _main(argv: list[str] | None) -> int:
 
         return bench(args)
     if args.command == "train":
+        require("train", "peft")
         from ...training.cli import run_train
 
         return run_train(args)
@@ -142,13 +151,18 @@ def _main(argv: list[str] | None) -> int:
     stderr = Console(stderr=True, highlight=False)
     prompt = None
     if args.command == "generate":
-        prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
+        if args.prompt == "-":
+            prompt = decode_input(sys.stdin.buffer.read(), "PROMPT (stdin)").rstrip("\n")
+        else:
+            prompt = user_text(args.prompt, "PROMPT")
         if not prompt.strip():
             raise UsageError("PROMPT must not be empty")
         if args.image and args.raw:
             raise UsageError("--image needs the chat template; drop --raw")
     llm = load(args, stderr)
     if args.command == "chat":
+        if not llm.tokenizer.has_chat_template:
+            raise UsageError("this checkpoint has no chat template; use 'trimode generate --raw'")
         return chat_loop(llm, params, args, stderr)
     if not args.raw:
         if not llm.tokenizer.has_chat_template:
@@ -165,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     stderr), 130 on Ctrl-C, 1 on an unexpected failure (set TRIMODE_DEBUG=1 for the traceback)."""
     try:
         code = _main(argv)
-    except KeyboardInterrupt:
-        sys.stderr.write("\n")
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # Interrupted has said so already
+            sys.stderr.write("\n")
         code = 130
     except BrokenPipeError:  # e.g. `| head`: stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

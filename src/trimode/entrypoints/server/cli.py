@@ -31,6 +31,9 @@ def add_serve_parser(sub, threshold_arg) -> None:
                    "exactly as int4; auto: follow the GGUF file's type; default: none)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
+    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on cuda, run every forward eagerly instead of replaying captured "
+                   "CUDA graphs of the decode forward")
     m.add_argument("--draft-adapter", metavar="PATH", default=None,
                    help="PEFT LoRA directory for draft passes (and diffusion denoising when the adapter "
                    "is marked for it); default: the shipped adapter for the embedded model")
@@ -104,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
             auto = default_auto_policy()
     llm = LLM(model, dtype=args.dtype, device=args.device, quantization=getattr(args, "quantization", None), draft_adapter=args.draft_adapter,
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-              progress=False, auto=auto)
+              progress=False, auto=auto, cuda_graphs=args.cuda_graphs)
     engine = AsyncEngine(llm)
     try:
         app = build_app(engine, llm.tokenizer, llm.config.vocab_size,
@@ -167,6 +170,11 @@ def server_config(args: argparse.Namespace, llm, model=None):
 
     name = args.served_model_name or Path(str(model)).name
     limit = llm.engine.max_model_len
+    if args.max_model_len is not None and limit < args.max_model_len:
+        import sys
+
+        print(f"warning: --max-model-len {args.max_model_len} is over the checkpoint's context "
+              f"limit; serving with {limit}", file=sys.stderr)
     return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         block_length=args.block_length, threshold=args.threshold,
