@@ -224,9 +224,9 @@ def test_summary_counts_the_stop_token_like_the_metrics():
     from trimode.entrypoints.cli.main import summary
     from trimode.outputs import RequestMetrics
 
-    stopped = SimpleNamespace(token_ids=[5, 6], finish_reason="stop",
+    stopped = SimpleNamespace(token_ids=[5, 6], finish_reason="stop", mode="ar",
                               metrics=RequestMetrics(nfe=3, generated_tokens=3))
-    assert "2 tokens + 1 stop token (stop)" in summary(stopped, "ar")
-    cut = SimpleNamespace(token_ids=[5, 6], finish_reason="length",
-                          metrics=RequestMetrics(nfe=2, generated_tokens=2))
-    assert "2 tokens (length)" in summary(cut, "ar")
+    assert summary(stopped).startswith("ar · 2 tokens + 1 stop token (stop)")
+    cut = SimpleNamespace(token_ids=[5], finish_reason="length", mode="linear_spec",
+                          metrics=RequestMetrics(nfe=2, generated_tokens=1))
+    assert summary(cut).startswith("linear_spec · 1 token (length)")  # the mode that ran

@@ -274,9 +274,9 @@ def test_gguf_yarn_rope_scaling(tmp_path):
 
 def test_gguf_unknown_architecture(tmp_path):
     oracle = hf_causal_lm("llama", tied=False, seed=10)
-    path = tmp_path / "dream.gguf"
-    write_gguf(path, oracle, arch="dream")
-    fails(path, str(path), "dream", "architecture")
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(path, oracle, arch="qwen2")
+    fails(path, str(path), "qwen2", "architecture")
 
 
 def test_gguf_missing_tensor(tmp_path):

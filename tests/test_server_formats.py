@@ -123,6 +123,9 @@ def test_logprobs_layout(server):
         "logprobs": True, "top_logprobs": 1}).json()["choices"][0]["logprobs"]["content"]
     assert len(chat) == len(ids) and all(len(e["top_logprobs"]) == 2 for e in chat)
     assert all(e["logprob"] == -0.5 and isinstance(e["bytes"], list) for e in chat)
+    # each token's real bytes, even mid-character (TARGET has 3- and 4-byte characters)
+    assert bytes(b for e in chat for b in e["bytes"]) == TARGET.encode()
+    assert any(e["token"] == "\ufffd" for e in chat)
     off = client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "split 3"}], "max_tokens": 5}).json()
     assert off["choices"][0]["logprobs"] is None
@@ -277,3 +280,15 @@ def test_floor_for_minus_infinity():
     from trimode.entrypoints.server.format import _lp
 
     assert _lp(-math.inf) == -9999.0 and _lp(float("nan")) == -9999.0 and _lp(-0.25) == -0.25
+
+
+def test_token_bytes_of_invalid_utf8_keep_the_raw_bytes(bpe_tokenizer):
+    """A token sequence that is not UTF-8 (as diffusion can produce: a character's tail
+    before its head): the text holds U+FFFD, token_bytes the exact bytes."""
+    ids = bpe_tokenizer.encode("日本")
+    swapped = ids[::-1]
+    raw = b"".join(bpe_tokenizer.token_bytes(i) for i in swapped)
+    assert b"".join(bpe_tokenizer.token_bytes(i) for i in ids) == "日本".encode()
+    assert len(raw) == 6 and raw != "日本".encode()
+    assert "\ufffd" in bpe_tokenizer.decode(swapped)
+    assert bpe_tokenizer.decode(swapped) == raw.decode("utf-8", "replace")

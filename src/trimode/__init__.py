@@ -6,11 +6,11 @@ One set of weights decodes in several modes switched by the attention pattern: `
 """
 
 from .engine import AsyncEngine, AutoPolicy
-from .entrypoints.llm import LLM
+from .entrypoints.llm import LLM, StreamChunk
 from .model.config import CheckpointError, ModelConfig
 from .outputs import ForwardTrace, RequestMetrics, RequestOutput
 from .params import MODES, SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "ForwardTrace",
-           "ModelConfig", "CheckpointError", "MODES", "AutoPolicy", "AsyncEngine"]
+           "StreamChunk", "AutoPolicy", "AsyncEngine", "ModelConfig", "CheckpointError", "MODES"]
 __version__ = "0.1.0"

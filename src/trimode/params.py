@@ -38,6 +38,15 @@ class _ModeDefault:
 MODE_DEFAULT = _ModeDefault()
 
 
+class ParamError(ValueError):
+    """A request that cannot run, with ``field``: the one input the caller should change
+    (e.g. ``max_tokens`` when prompt + max_tokens is over the context limit)."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded.

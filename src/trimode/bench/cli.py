@@ -115,20 +115,29 @@ def run(args) -> int:
     from . import datasets, report, suite
 
     config = config_from(args)
+    if args.out:  # the plots need matplotlib: say so now, not after the run
+        from ..extras import require
+
+        require("bench", "matplotlib")
     if args.threads is not None:
         if args.threads < 1:
             raise UsageError(f"--threads must be an integer >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
     if args.per_category < 1:
         raise UsageError(f"--per-category must be an integer >= 1; got {args.per_category}")
-    items = datasets.load(args.dataset, args.per_category)
+    try:
+        items = datasets.load(args.dataset, args.per_category)
+    except (OSError, ValueError) as exc:  # a missing or malformed file: name the flag
+        detail = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror \
+            else str(exc)
+        raise UsageError(f"--dataset {detail}") from None
     stderr = Console(stderr=True, highlight=False)
     llm = load(args, stderr)
     if any(needs_mask(m) for m in config.modes) and llm.config.mask_token_id is None:
         raise UsageError("--modes: this checkpoint has no mask_token_id; only ar can run")
     with stderr.status("benchmarking") as status:
         def log(line: str) -> None:
-            stderr.print(line, style="dim")
+            stderr.print(line, style="dim", soft_wrap=True)
             status.update(line)
 
         result = suite.benchmark(llm, items, config, log)

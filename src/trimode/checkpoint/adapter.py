@@ -106,8 +106,9 @@ def load_draft_adapter(model: TriModeModel, path: str | os.PathLike) -> DraftAda
     staged = {name: _check_pair(weights, modules[name], parts, rank) for name, parts in pairs.items()}
     for name, (a, b) in staged.items():
         linear = modules[name]
-        linear.lora_A = a.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        linear.lora_B = b.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        dtype = getattr(linear, "activation_dtype", None) or linear.weight.dtype  # QuantLinear
+        linear.lora_A = a.to(device=model.device, dtype=dtype)
+        linear.lora_B = b.to(device=model.device, dtype=dtype)
         linear.lora_scale = scale
     return DraftAdapter(path, rank, scale, tuple(sorted(staged)), _denoise(path))
 

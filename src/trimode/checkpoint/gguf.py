@@ -8,6 +8,7 @@ permutation is undone here so the weights match the Hugging Face layout. Quantiz
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from ..model.config import CheckpointError, ModelConfig, RopeConfig
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "dream")  # dream: NLD as written by `trimode convert`
 LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -47,6 +48,7 @@ def gguf_config(reader, source: str) -> ModelConfig:
         raise CheckpointError(f"{source}: no vocab size (no {arch}.vocab_size, tokenizer.ggml.tokens "
                               "or token_embd.weight)")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    mask = _field(reader, "tokenizer.ggml.mask_token_id") if arch == "dream" else None
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     return ModelConfig(
         vocab_size=int(vocab),
@@ -56,12 +58,15 @@ def gguf_config(reader, source: str) -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_norm_eps=float(_field(reader, "trimode.rms_norm_eps")
+                           or _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 4096)),
         tie_word_embeddings="output.weight" not in names,
-        rope=_gguf_rope(reader, arch, source),
+        rope=_trimode_rope(reader, _gguf_rope(reader, arch, source)),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
+        mask_token_id=None if mask is None else int(mask),
+        block_size=int(_field(reader, "trimode.block_size", 32)),
         layout="nld",
         model_type="nemotron_labs_diffusion",
     )
@@ -91,6 +96,13 @@ def _gguf_rope(reader, arch: str, source: str) -> RopeConfig:
                           "(only none, linear and plain yarn are read)")
 
 
+def _trimode_rope(reader, rope: RopeConfig) -> RopeConfig:
+    """``trimode.rope`` (JSON, written by ``trimode convert``) wins over the llama.cpp keys,
+    which cannot express YaRN mscale or the Llama-4 query scale."""
+    raw = _field(reader, "trimode.rope")
+    return rope if raw is None else RopeConfig(**json.loads(raw))
+
+
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """Invert llama.cpp's ``permute`` of q/k rows (``[out, in]`` -> HF rotate-half order)."""
     out = w.shape[0]
@@ -118,12 +130,20 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     except Exception as exc:
         raise CheckpointError(f"{source}: not a readable GGUF file ({exc})") from None
     config = gguf_config(reader, source)
+    config_arch = _field(reader, "general.architecture")
     tensors = {}
     for t in reader.tensors:
         name = trimode_name(t.name, source)
-        array = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        try:
+            array = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except NotImplementedError:
+            raise CheckpointError(f"{source}: tensor {t.name!r} has GGUF type {t.tensor_type.name}, "
+                                  "which trimode cannot read (float, Q4-Q8, K- and IQ-quants are "
+                                  "readable)") from None
         array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
-        if ".q_proj." in name:
+        if config_arch == "dream":  # no q/k permutation (NEOX rotary, spec vlm-tp-quant 3.2)
+            pass
+        elif ".q_proj." in name:
             array = _unpermute(array, config.num_attention_heads)
         elif ".k_proj." in name:
             array = _unpermute(array, config.num_key_value_heads)

@@ -74,8 +74,10 @@ def _from_hub(repo_id: str) -> Path:
 
 
 def load_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None) -> tuple[TriModeModel, Checkpoint]:
-    """Load weights into a :class:`TriModeModel`; fp32 on CPU, bf16 on CUDA unless ``dtype``."""
+               device: str | torch.device | None = None,
+               quantization: str | None = None) -> tuple[TriModeModel, Checkpoint]:
+    """Load weights into a :class:`TriModeModel`; fp32 on CPU, bf16 on CUDA unless ``dtype``.
+    ``quantization`` ``"int8"`` / ``"int4"`` / ``"auto"``: weight-only linears (``trimode.quant``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     ckpt = resolve(model)
@@ -100,7 +102,12 @@ def load_model(model: str | os.PathLike, dtype: torch.dtype | None = None,
         from ..model.vision import materialize_vision_buffers
 
         materialize_vision_buffers(net, config.vision)
-    return net.to(device).eval(), ckpt
+    net = net.to(device).eval()
+    if quantization not in (None, "none"):
+        from ..quant import quantize_model
+
+        quantize_model(net, quantization, ckpt.gguf_file)
+    return net, ckpt
 
 
 def read_safetensors(directory: Path) -> dict[str, tuple[torch.Tensor, str]]:

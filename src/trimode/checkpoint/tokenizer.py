@@ -4,7 +4,10 @@ Reads ``tokenizer.json`` with ``chat_template.jinja`` or the template in
 ``tokenizer_config.json`` (or the tokenizer embedded in a GGUF file). Guarantees:
 chat prompts carry exactly one BOS; text can never produce the mask token id (a literal
 mask string in user text is tokenized as plain characters); raw token-id prompts that
-contain the mask id are rejected with ValueError. Knows nothing about the model.
+contain the mask id are rejected with ValueError; text that is not valid Unicode (a lone
+surrogate: a JSON escape such as ``\\ud800``, or undecodable bytes on the command line) is
+rejected with ValueError naming the field before it reaches the tokenizer (``check_text``).
+Knows nothing about the model.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Tokenizer:
         hf_logging.set_verbosity_error()  # it warns that config.json's model_type is not its own
         try:
             if gguf_file is not None:
-                hf = AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file.name)
+                hf = _gguf_tokenizer(directory, gguf_file)
             else:
                 hf = AutoTokenizer.from_pretrained(str(directory))
         except Exception as exc:
@@ -44,9 +47,10 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text``; special-token strings are parsed, except the mask's."""
-        ids = self.hf(text, add_special_tokens=False).input_ids
+    def encode(self, text: str, add_bos: bool | None = None, field: str = "prompt") -> list[int]:
+        """Token ids of ``text``; special-token strings are parsed, except the mask's.
+        Raises ValueError naming ``field`` for text that is not valid Unicode."""
+        ids = self.hf(check_text(text, field), add_special_tokens=False).input_ids
         if self.mask_token_id is not None and self.mask_token_id in ids:
             literal = self.hf(self._mask_text, add_special_tokens=False,
                               split_special_tokens=True).input_ids
@@ -63,7 +67,7 @@ class Tokenizer:
             raise ValueError("this checkpoint has no chat template; pass a raw prompt instead")
         _check_messages(messages)
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.encode(text)
+        ids = self.encode(text, field="messages (after the chat template)")
         bos = self.bos_token_id
         while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]
@@ -82,7 +86,51 @@ class Tokenizer:
         return list(ids)
 
     def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` (special tokens skipped). Bytes that do not form valid UTF-8 (a
+        character cut at the end, or a model's own token sequence that is not UTF-8, as in
+        diffusion) decode to U+FFFD; ``token_bytes`` gives the raw bytes."""
         return self.hf.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token: for byte-level BPE (GPT-2 / SmolLM2) and byte-fallback
+        (``<0xNN>``) tokens its exact bytes, even when they are part of a multi-byte
+        character; otherwise the UTF-8 of its decoded text."""
+        piece = self.hf.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str):
+            if self._byte_level:
+                try:
+                    return bytes(_BYTE_OF[ch] for ch in piece)
+                except KeyError:
+                    pass  # an added token written as text
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+        return self.decode([int(token_id)]).encode("utf-8", "surrogatepass")
+
+    @property
+    def _byte_level(self) -> bool:
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None)
+        return type(decoder).__name__ == "ByteLevel"
+
+
+def _byte_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others are
+    shifted to U+0100 and up (``bytes_to_unicode`` in GPT-2's encoder)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + shift)] = b
+            shift += 1
+    return table
+
+
+_BYTE_OF = _byte_table()
 
 
 def _check_messages(messages: list[dict]) -> None:
@@ -96,3 +144,34 @@ def _check_messages(messages: list[dict]) -> None:
         if not isinstance(m["content"], str):
             raise ValueError(f"messages[{i}].content must be a string; got "
                              f"{type(m['content']).__name__}")
+        check_text(m["content"], f"messages[{i}].content")
+        check_text(m["role"], f"messages[{i}].role")
+
+
+def check_text(text: str, field: str) -> str:
+    """``text`` if it is a string of valid Unicode (encodable as UTF-8), else ValueError
+    naming ``field``, the first bad character's index and code point. Python strings can
+    hold lone surrogates (U+D800..U+DFFF): JSON's ``"\\ud800"`` decodes to one and
+    undecodable argv bytes become them; the tokenizer cannot take them."""
+    if not isinstance(text, str):
+        raise ValueError(f"{field} must be a string; got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} is not valid Unicode: lone surrogate "
+                         f"U+{ord(text[exc.start]):04X} at character {exc.start} (send UTF-8 "
+                         "text; a surrogate escape must be half of a pair)") from None
+    return text
+
+
+def _gguf_tokenizer(directory: Path, gguf_file: Path):
+    """transformers reads GGUF tokenizers only for architectures it knows; for the others
+    (``dream``, written by ``trimode convert``) the tokenizer class reads the same metadata."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file.name)
+    except ValueError as exc:
+        if "architecture" not in str(exc):
+            raise
+        return PreTrainedTokenizerFast.from_pretrained(str(directory), gguf_file=gguf_file.name)

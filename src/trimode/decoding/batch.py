@@ -74,7 +74,7 @@ class Result:
 @torch.inference_mode()
 def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | None) -> list[Result]:
     """Selections of every row: ``logits`` ``[M, V]`` holds row 0's slots, then row 1's...
-    (``M = sum(len(n.slots))``). One ``tolist`` of int64 results; one more of float64
+    (``M = sum(len(n.slots))``). One ``tolist`` of int32 results; one more of float64
     logprobs when any request asked for them."""
     device = logits.device
     sizes = [len(n.slots) for n in needs]
@@ -87,19 +87,20 @@ def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | No
              for n in needs for slot in n.slots], device)
         tokens = select.pick(logits, sampling, mask_token_id, greedy=tokens)
     bad = _bad_rows(logits, sizes)
-    packed = [tokens, bad]
-    chosen_at = _chosen(logits, tokens, needs, starts, packed)
+    shown = _chosen(logits, tokens, needs, starts)  # unchosen slots of choosing rows: -1
+    packed = [shown, bad]
     spec_at = _speculative(logits, needs, starts, sampling, mask_token_id, packed)
     kept = _kept(logits, needs, starts, sampling, mask_token_id)
-    flat = torch.cat([p.reshape(-1).long() for p in packed]).tolist()  # the one transfer
+    # the one transfer: int32 (token ids < 2**31), about 4 bytes per reported slot
+    flat = torch.cat([p.reshape(-1).to(torch.int32) for p in packed]).tolist()
     results = [Result(flat[s : s + n]) for s, n in zip(starts, sizes)]
+    for r, n in enumerate(needs):
+        if n.choose:
+            results[r].chosen = [i for i, t in enumerate(results[r].tokens) if t >= 0]
     m = len(tokens)
     for r, b in enumerate(flat[m : m + len(needs)]):
         results[r].bad = bool(b)
     offset = m + len(needs)
-    for r, width in chosen_at:
-        results[r].chosen = [i for i, c in enumerate(flat[offset : offset + width]) if c]
-        offset += width
     for r in spec_at:
         results[r].accepted, results[r].final = flat[offset], flat[offset + 1]
         offset += 2
@@ -134,21 +135,21 @@ def _bad_rows(logits: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         0, owner, bad.long()) > 0
 
 
-def _chosen(logits, tokens, needs, starts, packed) -> list[tuple[int, int]]:
-    """Diffusion unmasking and multi-pass drafts, batched over the rows that need them:
-    confidences sit at their block index in an ``[R, L]`` matrix (-inf elsewhere), as the
-    reference lays them out."""
+def _chosen(logits, tokens, needs, starts) -> torch.Tensor:
+    """``tokens`` with -1 at the slots that choosing rows (diffusion unmasking, multi-pass
+    drafts) did not choose, batched over those rows: confidences sit at their block index in
+    an ``[R, L]`` matrix (-inf elsewhere), as the reference lays them out."""
     rows = [r for r, n in enumerate(needs) if n.choose and n.slots]
     if not rows:
-        return []
+        return tokens
     device = logits.device
     width = max(max(needs[r].slots) + 1 for r in rows)
-    at = torch.tensor([starts[r] + i for r in rows for i in range(len(needs[r].slots))],
-                      device=device)
+    index = [starts[r] + i for r in rows for i in range(len(needs[r].slots))]
+    at = torch.tensor(index, device=device)
     where = (torch.tensor([k for k, r in enumerate(rows) for _ in needs[r].slots], device=device),
              torch.tensor([c for r in rows for c in needs[r].slots], device=device))
     conf = torch.full((len(rows), width), select.NEG_INF, device=device)
-    whole = len(at) == len(logits)  # every slot of the step: no gather copy
+    whole = len(index) == len(logits)  # every slot of the step: no gather copy
     conf[where] = select.confidence(logits if whole else logits[at], tokens if whole else tokens[at])
     masked = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
     masked[where] = True
@@ -165,8 +166,9 @@ def _chosen(logits, tokens, needs, starts, packed) -> list[tuple[int, int]]:
         thr = torch.tensor([needs[rows[k]].threshold or 0.0 for k in drafts],
                            dtype=torch.float64, device=device)
         chosen[ii] = select.draft_choice(conf[ii], masked[ii], thr)
-    packed.append(chosen[where])
-    return [(r, len(needs[r].slots)) for r in rows]
+    shown = tokens.clone()
+    shown[at] = torch.where(chosen[where], tokens[at], -1)
+    return shown
 
 
 def _speculative(logits, needs, starts, sampling, mask_token_id, packed) -> list[int]:
@@ -224,7 +226,7 @@ def _logprobs(logits, needs, starts, results) -> None:
             index.append(starts[r] + i)
             nxt = n.drafts[i] if i < len(n.drafts) else res.tokens[i]
             final = res.final if res.final is not None and i == res.accepted else res.tokens[i]
-            probe.append([res.tokens[i], nxt, final])
+            probe.append([max(res.tokens[i], 0), max(nxt, 0), max(final, 0)])
     logp = torch.log_softmax(logits[torch.tensor(index, device=device)].float(), dim=-1)
     probe_t = torch.tensor(probe, dtype=torch.long, device=device)
     values = logp.gather(-1, probe_t).double()

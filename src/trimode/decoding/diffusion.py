@@ -103,3 +103,7 @@ class DiffusionStrategy(Strategy):
     def pending(self, seq: Sequence) -> list[int]:
         """block[0] is the uncommitted seed; nothing is pending while committing."""
         return [] if self.phase == "commit" else self.block[: getattr(self, "limit", None)]
+
+    def block_window(self, seq: Sequence) -> tuple[int, int] | None:
+        """The block being denoised up to its limit (its seed is not committed yet)."""
+        return self.offset, self.offset + self.limit

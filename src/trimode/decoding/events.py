@@ -86,8 +86,8 @@ class EventRecorder:
                 self.tokens.update((p, (t, forward)) for p, t in zip(r.positions, r.tokens))
         verified = any(r.kind == "verify" for r in records)
         self.window = self._window(seq, verified)
-        kind = "fused" if seq.params.mode == "quadratic_spec" and records[0].kind != "prefill" \
-            else records[0].kind
+        fused = records[0].kind != "prefill" and seq.strategy.phase == "fused"
+        kind = "fused" if fused else records[0].kind
         self.deliver(self._event(seq, forward, kind, drafted, accepted, rejected, committed))
 
     def _verify(self, record, forward: int, accepted: list, rejected: dict) -> None:
@@ -108,18 +108,15 @@ class EventRecorder:
     def _window(self, seq: Sequence, verified: bool) -> tuple[int, int]:
         """The slots shown: the strategy's current block; after a verify, the verified block
         and the next one together (so accepted and rejected drafts stay in view)."""
-        strategy, g = seq.strategy, len(seq.generated)
-        block = getattr(strategy, "block", None)
-        if seq.params.mode == "ar" or not block:
+        window = seq.strategy.block_window(seq)
+        if window is None:  # ar: the block_length-aligned window of the last token
             last = max(self.tokens, default=0)
             start = last // seq.block_length * seq.block_length
             new = (start, last + 1)
-        elif seq.params.mode == "diffusion":
-            new = (strategy.offset, strategy.offset + strategy.limit)
         elif seq.finished:
-            new = self.block
+            new = self.block  # a finished request starts no new block
         else:
-            new = (g - 1, g - 1 + len(block))
+            new = window
         shown = (self.block[0], max(self.block[1], new[1])) if verified else new
         self.block = new
         self.tokens = {p: v for p, v in self.tokens.items() if p >= shown[0]}

@@ -92,3 +92,12 @@ class Strategy(ABC):
         """Block tokens shown after the committed text (masks included), not yet committed."""
         block = list(getattr(self, "block", None) or [])
         return block[1:]
+
+    def block_window(self, seq: Sequence) -> tuple[int, int] | None:
+        """Generated-text positions ``[start, end)`` of the current block (its committed
+        seed first), or None for a mode without blocks; read by ``decoding/events.py``."""
+        block = getattr(self, "block", None)
+        if not block:
+            return None
+        start = len(seq.generated) - 1
+        return start, start + len(block)

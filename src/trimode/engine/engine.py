@@ -40,7 +40,7 @@ from ..decoding.registry import STRATEGIES, scratch_slots
 from ..decoding.sequence import Sequence, Step
 from ..multimodal.requests import attach_features, check_images, prefill_step
 from ..defaults import AUTO, CONTEXT_CAP
-from ..params import SamplingParams
+from ..params import ParamError, SamplingParams
 from . import model_runner
 from .config import EngineConfig
 from .kv_pool import KVPool, kv_bytes_per_token
@@ -296,28 +296,35 @@ class Engine:
         mc = self.model.config
         strategy = STRATEGIES[params.mode]
         if strategy.needs_mask and mc.mask_token_id is None:
-            raise ValueError(f"mode {params.mode!r} needs a mask_token_id in the checkpoint config")
+            raise ParamError(f"mode {params.mode!r} needs a mask_token_id in the checkpoint "
+                             "config", "mode")
         block = block or params.block_length or mc.block_size
         generated = strategy.generated_positions(block, params.max_tokens)
         rounding = " after block rounding" if generated != params.max_tokens else ""
         limit = mc.max_position_embeddings
         total = len(prompt_ids) + generated
+        # the field to change: max_tokens, unless the prompt alone leaves no room
+        field = "prompt" if len(prompt_ids) >= min(self.max_model_len, limit) else "max_tokens"
+        if field == "max_tokens" and rounding:  # only the block rounding does not fit
+            field = "block_length" if len(prompt_ids) + params.max_tokens <= self.max_model_len \
+                else field
         # the tighter limit is the one named (max_model_len <= the checkpoint's limit)
         if total > self.max_model_len and self.max_model_len < limit:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
-                             f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds max_model_len {self.max_model_len}",
+                             field)
         if total > limit:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
-                             f"{rounding}) = {total} exceeds the context limit {limit}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} positions"
+                             f"{rounding}) = {total} exceeds the context limit {limit}", field)
         scratch = scratch_slots(params.mode, block, params.max_tokens, params.draft_segments)
         if scratch > self.config.scratch_tokens:
-            raise ValueError(f"{params.mode} with block_length {block} needs {scratch} scratch "
+            raise ParamError(f"{params.mode} with block_length {block} needs {scratch} scratch "
                              f"positions per forward; the engine reserves scratch_tokens "
                              f"{self.config.scratch_tokens} (use a smaller "
-                             f"{strategy.shrink_hint})")
+                             f"{strategy.shrink_hint})", "block_length")
         if len(prompt_ids) > self.config.max_num_batched_tokens:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) exceeds max_num_batched_tokens "
-                             f"{self.config.max_num_batched_tokens}")
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) exceeds max_num_batched_tokens "
+                             f"{self.config.max_num_batched_tokens}", "prompt")
 
     def _sequence(self, prompt_ids: list[int], params: SamplingParams,
                   like: Sequence | None = None) -> Sequence:

@@ -1,4 +1,6 @@
-"""The offline Python API: ``LLM(model).generate(prompts, params)``, ``chat`` and ``stream``.
+"""The offline Python API: ``LLM(model).generate(prompts, params)``, ``chat``, ``stream``
+and ``stream_chat`` (``chat`` and ``stream_chat`` apply the chat template; ``generate`` and
+``stream`` take raw prompts).
 
 Turns text into token ids (tokenizer.py), submits every request to the continuous-batching
 engine (engine.py: requests of all modes share each step), and turns ids back into text.
@@ -32,7 +34,8 @@ class LLM:
 
     model: a checkpoint directory, a ``.gguf`` file, a hub id in the local cache, or None
         for the embedded SmolLM2-135M-Instruct (converted on first use).
-    dtype / device: default fp32 on CPU, bf16 on CUDA.
+    dtype / device: default fp32 on CPU, bf16 on CUDA; dtype "auto": bf16 on CPUs with AMX or
+        AVX512-BF16, else fp32 (detected at run time).
     draft_adapter: a PEFT adapter directory, switched on for draft passes (linear_spec,
         quadratic_spec draft tokens) and, if it is marked so, diffusion denoising passes.
         None: the model's default (the shipped tri-mode adapter for the embedded model,
@@ -43,6 +46,9 @@ class LLM:
     kv_cache_memory: bytes for the KV pool (caps max_batch_size); None: max_batch_size rows.
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
     auto: the ``mode="auto"`` policy (``engine.AutoPolicy``).
+    quantization: None/"none", "int8", "int4" or "auto": weight-only int8/int4 linear layers on
+        PyTorch's CPU kernels (``trimode.quant``); GGUF Q4_0/Q4_1/Q4_K blocks load exactly as
+        int4 (the embedded model's own Q4_1 file included); "auto" follows the GGUF's type.
     cuda_graphs: on CUDA, replay captured graphs of the decode forward (``EngineConfig``).
     tensor_parallel_size: ranks the model is sharded over (torch.distributed: NCCL on CUDA,
         one GPU per rank; gloo on CPU); this process is rank 0 and spawns the others, or
@@ -60,7 +66,8 @@ class LLM:
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
                  auto: AutoPolicy | None = None, cuda_graphs: bool = True,
-                 tensor_parallel_size: int = 1, distributed=None):
+                 quantization: str | None = None, tensor_parallel_size: int = 1,
+                 distributed=None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
@@ -71,8 +78,14 @@ class LLM:
                                      kv_cache_memory=kv_cache_memory,
                                      max_num_batched_tokens=max_num_batched_tokens,
                                      auto=auto or AutoPolicy(), cuda_graphs=cuda_graphs)
+        from ..quant import check_scheme
+
+        quantization = check_scheme(quantization)
+        quant_source = None
         if model is None:
-            from ..checkpoint.embedded import default_model_dir, shipped_adapter
+            from ..checkpoint.embedded import default_model_dir, gguf_path, shipped_adapter
+
+            quant_source = gguf_path() if quantization != "none" else None
 
             model = default_model_dir(progress=progress)
             if draft_adapter is None:
@@ -85,6 +98,11 @@ class LLM:
             raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
         device = _check_device(device)
         self.model, ckpt = load_model(model, dtype=dtype, device=device)
+        if quantization != "none":
+            from ..quant import quantize_model
+
+            quantization = quantize_model(self.model, quantization, quant_source or ckpt.gguf_file)
+        self.quantization = quantization
         self.config = self.model.config
         self.tokenizer = Tokenizer.load(ckpt.directory, ckpt.gguf_file, self.config.mask_token_id,
                                         self.config.bos_token_id)
@@ -97,6 +115,8 @@ class LLM:
 
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
         if tensor_parallel_size != 1 or distributed is not None:
+            if quantization is not None:
+                raise ValueError("quantization is not supported with tensor_parallel_size > 1 yet")
             self.model = _tensor_parallel(self.model, model, draft_adapter, tensor_parallel_size,
                                           distributed)
             # graphs would capture the step-plan broadcast: the decode forward runs eagerly
@@ -166,16 +186,39 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return self.tokenizer.check_ids(list(prompt), self.config.vocab_size)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator["StreamChunk"]:
-        """Decode one raw prompt and yield its committed tokens as they are committed:
-        several per step in the parallel modes, in order, never revised. Each StreamChunk
-        has ``token_ids`` (new), ``text`` (new text; a multi-byte character is held back
-        until complete), ``finished``, ``finish_reason`` and the RequestUpdate.
-        Other requests may be in flight through ``generate`` only from this same thread."""
-        ids = self._prompt_ids(prompt)
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               on_step: Callable[[int, Sequence], None] | None = None) -> Iterator["StreamChunk"]:
+        """Decode one raw prompt (no chat template: use ``stream_chat`` for a conversation)
+        and yield its committed tokens as they are committed: several per step in the
+        parallel modes, in order, never revised. Each StreamChunk has ``token_ids`` (new),
+        ``text`` (new text; a multi-byte character is held back until complete),
+        ``finished``, ``finish_reason``, the RequestUpdate and, on the last chunk, the
+        RequestOutput. ``on_step`` as in ``generate`` (index 0). Stopping the iteration
+        cancels the request. Other requests may be in flight through ``generate`` only from
+        this same thread."""
+        text = prompt if isinstance(prompt, str) else None
+        return self._stream(self._prompt_ids(prompt), text, params, on_step)
+
+    def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
+                    on_step: Callable[[int, Sequence], None] | None = None
+                    ) -> Iterator["StreamChunk"]:
+        """``stream`` for one conversation: the checkpoint's chat template is applied (and
+        image parts read) as in ``chat``."""
+        ids, images = chat_prompt(self.tokenizer, self.config.vision, list(messages),
+                                  self.image_limits)
+        return self._stream(ids, None, params, on_step, images or None)
+
+    def _stream(self, ids: list[int], text: str | None, params: SamplingParams | None,
+                on_step, images: list | None = None) -> Iterator["StreamChunk"]:
         params = params or SamplingParams()
         self._check_idle()
-        request_id = self.engine.add_request(ids, params)
+        self.engine.validate(ids, params, images)  # bad input fails at the call, not at next()
+        hook = (lambda seq: on_step(0, seq)) if on_step else None
+        return self._updates(ids, params, hook, text, images)
+
+    def _updates(self, ids, params, hook, prompt: str | None,
+                 images: list | None) -> Iterator["StreamChunk"]:
+        request_id = self.engine.add_request(ids, params, on_step=hook, images=images)
         shown = ""
         try:
             while True:
@@ -186,8 +229,11 @@ class LLM:
                     if not update.finished and text.endswith("\ufffd"):
                         text = text.rstrip("\ufffd")  # wait for the rest of the character
                     delta, shown = text[len(shown):], text
+                    output = None
+                    if update.finished:
+                        output = to_output(self.engine.pop_finished(request_id), prompt, text)
                     yield StreamChunk(update.new_token_ids, delta, update.finished,
-                                      update.finish_reason, update)
+                                      update.finish_reason, update, output)
                     if update.finished:
                         return
         finally:
@@ -250,6 +296,7 @@ class StreamChunk:
     finished: bool
     finish_reason: str | None
     update: RequestUpdate
+    output: RequestOutput | None = None  # the whole result, on the last chunk
 
 
 def _tensor_parallel(model, path, adapter, size, launch):
@@ -308,7 +355,11 @@ def _per_prompt(params, n: int) -> list[SamplingParams]:
 
 
 def _parse_dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+    if name == "auto":  # per CPU, detected at run time (trimode.quant.cpu)
+        from ..quant.cpu import preferred_dtype
+
+        return preferred_dtype()
+    table = {"auto": None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if name not in table:
         raise ValueError(f"dtype must be one of {', '.join(table)}; got {name!r}")

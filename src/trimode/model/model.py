@@ -45,8 +45,12 @@ class Linear(nn.Linear):
         self.lora_B: torch.Tensor | None = None
         self.lora_scale = 0.0
 
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen weight's product (quant.QuantLinear replaces it with an int8/int4 kernel)."""
+        return F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor, adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = self.base(x)
         if self.lora_A is None or adapter_rows is None:
             return out
         delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale

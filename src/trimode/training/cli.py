@@ -96,6 +96,24 @@ def run_train(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise ValueError(f"data: {path} does not exist or is not a file")
     trainer, log = train(config, resume=args.resume)
-    final = log[-1]
-    print(f"trained {trainer.step} steps; final {final}; wrote {config.out}")
+    print(summary_line(trainer.step, log, config.out))
     return 0
+
+
+def summary_line(steps: int, log: list[dict], out) -> str:
+    """One line: steps, the last training step's losses, the held-out evaluation (or why
+    there is none), where the result went."""
+    last = next((r for r in reversed(log) if "ar_loss" in r), None)
+    final = log[-1] if log else {}
+    parts = [f"trained {steps} step{'' if steps == 1 else 's'}"]
+    if last is not None:
+        parts.append(f"last step: ar_loss {last['ar_loss']:.4f}, diff_loss {last['diff_loss']:.4f}")
+    held = {k: v for k, v in final.items() if k.startswith("eval_") or k in
+            ("diffusion_tokens_per_forward", "linear_spec_acceptance_length")}
+    if held:
+        parts.append("held-out: " + ", ".join(f"{k.removeprefix('eval_')} {v:.4f}"
+                                                for k, v in held.items()
+                                                if isinstance(v, (int, float))))
+    else:
+        parts.append("no held-out evaluation (--eval-fraction 0 or too little data)")
+    return "; ".join(parts) + f"; wrote {out}"

@@ -65,7 +65,7 @@ def load(args: argparse.Namespace, stderr: Console):
         try:
             with stderr.status(f"Loading {model}"):
                 return LLM(args.model, dtype=args.dtype, device=args.device,
-                           draft_adapter=args.draft_adapter, progress=False,
+                           draft_adapter=args.draft_adapter, progress=False, quantization=getattr(args, "quantization", None),
                            cuda_graphs=args.cuda_graphs)
         except CheckpointError as exc:
             raise UsageError(f"{_culprit(exc)}: {exc}") from None

@@ -6,10 +6,11 @@ one-line ``UsageError`` in ``common.py``.
 
 Parses flags into a validated SamplingParams before any model is loaded, so a bad flag
 fails in well under a second with one line ``error: ...`` (exit 2), never a traceback
-(docs/cases.md B25). stdout carries only the answer (or one JSON object per answer with
-``--json``); loading, the metrics summary and the ``--visual`` live view go to stderr, or the
-live view to a terminal stdout, where it is cleared before the answer is printed. Knows
-nothing about decoding beyond ``LLM`` and the ``on_step`` hook.
+(docs/cases.md B25). stdout carries only the answer, printed as it is committed (or one JSON
+object per answer with ``--json``); loading, the metrics summary and the ``--visual`` live
+view go to stderr, or the live view to a terminal stdout. A subcommand whose optional extra is
+missing names the pip command before doing any work (``extras.require``). Knows nothing about
+decoding beyond ``LLM``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import sys
 from rich.console import Console
 
 from ...defaults import DRAFT_SEGMENTS, MAX_TOKENS, MODES
+from ...extras import require
 from ..server.cli import add_serve_parser
 from .common import Parser, UsageError, load, one_line, segments_arg, threshold_arg
-from .generate import DEFAULT, DIFFUSION_THRESHOLD, chat_loop, run_one, sampling_params, summary
+from .generate import (DEFAULT, DIFFUSION_THRESHOLD, Interrupted, chat_loop, decode_input,
+                       run_one, sampling_params, summary, user_text)
 from .visual import MASK_GLYPH, LiveView
 
 __all__ = ["main", "build_parser", "UsageError", "load", "summary", "LiveView", "MASK_GLYPH"]
@@ -45,8 +48,12 @@ def build_parser() -> Parser:
     m = common.add_argument_group("model")
     m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
                    "hub id (default: the embedded SmolLM2-135M-Instruct, converted on first use)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: bfloat16 "
+                   "on CPUs with AMX or AVX512-BF16, else float32)")
+    m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
+                   help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
+                   "exactly as int4; auto: follow the GGUF file's type; default: none)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -104,8 +111,9 @@ def build_parser() -> Parser:
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
     sub.add_parser("chat", parents=[common], help="interactive multi-turn chat",
                    description="Multi-turn chat reading one user turn per stdin line. "
-                   "/reset clears the history, /exit or end of input quits. Exits 2 if a "
-                   "turn failed.")
+                   "Commands (a line of one word starting with '/'): /help lists them, /reset "
+                   "clears the history, /exit (or end of input) quits; any other such word is "
+                   "refused, not sent. Exits 2 if a turn failed.")
     add_serve_parser(sub, threshold_arg)
     from ...bench.cli import add_parser as add_bench
 
@@ -113,6 +121,9 @@ def build_parser() -> Parser:
     from ...training.cli import add_train_parser
 
     add_train_parser(sub, Parser)
+    from .convert import add_convert_parser
+
+    add_convert_parser(sub, Parser)
     return parser
 
 
@@ -123,6 +134,7 @@ def _main(argv: list[str] | None) -> int:
 
         return run(args)
     if args.command == "serve":
+        require("serve", "fastapi", "uvicorn", "prometheus_client")
         from ..server.cli import serve
 
         return serve(args)
@@ -131,20 +143,30 @@ def _main(argv: list[str] | None) -> int:
 
         return bench(args)
     if args.command == "train":
+        require("train", "peft")
         from ...training.cli import run_train
 
         return run_train(args)
+    if args.command == "convert":
+        from .convert import run_convert
+
+        return run_convert(args)
     params = sampling_params(args)
     stderr = Console(stderr=True, highlight=False)
     prompt = None
     if args.command == "generate":
-        prompt = sys.stdin.read().rstrip("\n") if args.prompt == "-" else args.prompt
+        if args.prompt == "-":
+            prompt = decode_input(sys.stdin.buffer.read(), "PROMPT (stdin)").rstrip("\n")
+        else:
+            prompt = user_text(args.prompt, "PROMPT")
         if not prompt.strip():
             raise UsageError("PROMPT must not be empty")
         if args.image and args.raw:
             raise UsageError("--image needs the chat template; drop --raw")
     llm = load(args, stderr)
     if args.command == "chat":
+        if not llm.tokenizer.has_chat_template:
+            raise UsageError("this checkpoint has no chat template; use 'trimode generate --raw'")
         return chat_loop(llm, params, args, stderr)
     if not args.raw:
         if not llm.tokenizer.has_chat_template:
@@ -161,8 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     stderr), 130 on Ctrl-C, 1 on an unexpected failure (set TRIMODE_DEBUG=1 for the traceback)."""
     try:
         code = _main(argv)
-    except KeyboardInterrupt:
-        sys.stderr.write("\n")
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Interrupted):  # Interrupted has said so already
+            sys.stderr.write("\n")
         code = 130
     except BrokenPipeError:  # e.g. `| head`: stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -3,8 +3,12 @@ plus ``/health``, ``/metrics`` and the playground page at ``/`` (``ui/``, unless
 
 Every request is validated completely (schema, prompt, SamplingParams, ``engine.validate``
 for the context limit) before any engine work or any response byte, so bad input always
-gets a 400 (422 for a body that does not match the schema's types) with an OpenAI error body
-naming the field, and nothing else changes. Streams send only committed text (server-sent
+gets a 400 (422 for a body that is not JSON or does not match the schema's types, 413 for a
+body over ``max_body_bytes``) with an OpenAI error body naming the field, and nothing else
+changes. Counts are checked before any prompt is tokenized, and tokenizing (and the chat
+template) runs in a worker thread, so a huge prompt never stalls other requests. An
+exception that escapes a route is a counted 500 JSON answer that keeps the connection
+(``guard.Guard``). Streams send only committed text (server-sent
 events, ``data: {...}`` then ``data: [DONE]``). A client that disconnects has its engine
 requests aborted at once, streaming or not. Responses carry OpenAI ``usage`` and a
 ``trimode`` object (mode used, nfe, tokens_per_forward, acceptance_length).
@@ -28,6 +32,7 @@ from ...params import MODE_DEFAULT, SamplingParams
 from ...multimodal.image import ImageLimits
 from ...multimodal.prompt import chat_prompt
 from .generation import Job
+from .guard import Guard
 from .metrics import Metrics
 from .protocol import (ChatCompletionRequest, CompletionRequest, RequestError, _Sampling,
                        error_body)
@@ -53,6 +58,7 @@ class ServerConfig:
     block_length: int | None = None
     threshold: float | None = None
     max_model_len: int | None = None
+    max_body_bytes: int = 4 * 2**20
     ui: bool = True  # GET / serves the playground (ui/); --no-ui turns it off
 
 
@@ -66,6 +72,8 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
                   description="OpenAI-compatible server for tri-mode diffusion LMs")
     metrics = Metrics(engine)
     app.state.metrics, app.state.engine, app.state.config = metrics, engine, config
+    app.add_middleware(Guard, max_body_bytes=config.max_body_bytes, on_error=lambda path:
+                       metrics.requests.labels(_endpoint_of(path), "none", "500").inc())
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -76,14 +84,16 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), None, kind), status_code=exc.status_code,
+        status, message = exc.status_code, str(exc.detail)
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):  # FastAPI's 400 for a body it cannot read
+            status = 422  # as for any body that is not JSON
+            message = (f"the body is not valid JSON: it is not UTF-8 (byte "
+                       f"0x{cause.object[cause.start]:02X} at offset {cause.start})")
+        if request.method == "POST":
+            metrics.requests.labels(_endpoint(request), "none", str(status)).inc()
+        return JSONResponse(error_body(message, None, kind), status_code=status,
                             headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception):
-        log.exception("internal error on %s", request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", None,
-                                       "internal_server_error"), status_code=500)
 
     if config.ui:
         _mount_ui(app)
@@ -121,19 +131,16 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
     async def _serve(request: Request, body, endpoint: str):
         mode = body.mode or config.mode
         try:
-            if endpoint == "chat" and any(m.parts() != m.text() for m in body.messages):
-                # decoding and resizing images takes a while: off the event loop
-                jobs, prompt_tokens = await asyncio.to_thread(_jobs, body, endpoint)
-            else:
-                jobs, prompt_tokens = _jobs(body, endpoint)
+            _check_counts(body, endpoint)  # before any tokenizing
+            # tokenizing (and decoding images) takes a while: off the event loop
+            jobs, prompt_tokens = await asyncio.to_thread(_jobs, body, endpoint)
         except RequestError as exc:
             metrics.requests.labels(endpoint, mode, str(exc.status)).inc()
             return JSONResponse(error_body(str(exc), exc.param, exc.kind), status_code=exc.status)
         meta = {"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": config.model_name}
-        for ids in prompt_tokens:
-            metrics.prompt_tokens.labels(mode).inc(len(ids))
-        run = Run(engine, jobs, tokenizer, metrics, endpoint, mode, time.perf_counter())
+        run = Run(engine, jobs, tokenizer, metrics, endpoint, mode, time.perf_counter(),
+                  sum(map(len, prompt_tokens)))
         watcher = asyncio.create_task(abort_on_disconnect(request, run))
         if body.stream:
             options = body.stream_options
@@ -150,12 +157,31 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
             watcher.cancel()
         return JSONResponse(result, status_code=200 if "error" not in result else 500)
 
-    def _jobs(body, endpoint: str) -> tuple[list[Job], list[list[int]]]:
-        """Validate everything and build one Job per choice (prompt-major, then n)."""
+    def _check_counts(body, endpoint: str) -> None:
+        """The cheap checks that bound a request's work, before anything is tokenized."""
         body.unsupported()
         if body.model is not None and body.model != config.model_name:
             raise RequestError(f"model {body.model!r} is not served here; the model is "
                                f"{config.model_name!r} (GET /v1/models)", "model")
+        body.stop_strings()
+        n_prompts = 1
+        if endpoint == "completions":
+            prompt = body.prompt
+            single = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+            n_prompts = 1 if single else len(prompt)
+            limit = config.max_model_len
+            for p in ([prompt] if single else prompt):
+                if limit is not None and not isinstance(p, str) and len(p) > limit:
+                    raise RequestError(f"prompt has {len(p)} token ids; the context limit is "
+                                       f"{limit}", "prompt")
+        if n_prompts * body.n > MAX_CHOICES:
+            raise RequestError(f"prompts x n = {n_prompts} x {body.n} = {n_prompts * body.n} "
+                               f"choices; at most {MAX_CHOICES} per request",
+                               "n" if n_prompts <= MAX_CHOICES else "prompt")
+
+    def _jobs(body, endpoint: str) -> tuple[list[Job], list[list[int]]]:
+        """Validate everything and build one Job per choice (prompt-major, then n). Runs in a
+        worker thread: it tokenizes."""
         stop = body.stop_strings()
         images = None
         if endpoint == "completions":
@@ -164,9 +190,6 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
             ids, images = _chat_ids(body)
             prompts = [ids]
         field = "prompt" if endpoint == "completions" else "messages"
-        if len(prompts) * body.n > MAX_CHOICES:
-            raise RequestError(f"prompts x n = {len(prompts) * body.n} choices; at most "
-                               f"{MAX_CHOICES} per request", "n")
         jobs = []
         for p, ids in enumerate(prompts):
             for j in range(body.n):
@@ -239,7 +262,9 @@ def _mount_ui(app: FastAPI) -> None:
 
 
 def _check(fn, field: str | None):
-    """Run ``fn``; a ValueError becomes a 400 naming the field its message starts with."""
+    """Run ``fn``; a ValueError becomes a 400 naming the field: the one it carries
+    (``ParamError.field``: the input to change, e.g. max_tokens for the context limit), else
+    the one its message starts with, else ``field``."""
     try:
         return fn()
     except RequestError:
@@ -247,6 +272,7 @@ def _check(fn, field: str | None):
     except ValueError as exc:
         message = " ".join(str(exc).split())
         first = getattr(exc, "field", None) or message.split(" ", 1)[0].strip(":,")
+        first = first.split("[", 1)[0]
         param = first if first in _Sampling.model_fields or first in ("logprobs",) else field
         if first == "prompt" and field == "messages":
             param = "messages"
@@ -256,8 +282,13 @@ def _check(fn, field: str | None):
 def _describe(errors) -> tuple[int, str, str | None]:
     """(status, message, param) for pydantic errors: 422 when every error is about the
     body's shape or types, else 400 (a value out of range, NaN, an unknown mode)."""
-    schema = all(e["type"] in SCHEMA_ERRORS or e["type"].endswith(("_type", "_parsing"))
-                 for e in errors)
+    def is_schema(e) -> bool:
+        return e["type"] in SCHEMA_ERRORS or e["type"].endswith(("_type", "_parsing"))
+
+    schema = all(is_schema(e) for e in errors)
+    # a value error inside a union member that matched (a text part's text) says more than
+    # the other members' type errors
+    errors = sorted(errors, key=is_schema)
     first = errors[0]
     if first["type"] == "json_invalid":
         return 422, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
@@ -272,4 +303,10 @@ def _describe(errors) -> tuple[int, str, str | None]:
 
 
 def _endpoint(request: Request) -> str:
-    return "chat" if request.url.path.endswith("chat/completions") else "completions"
+    return _endpoint_of(request.url.path)
+
+
+def _endpoint_of(path: str) -> str:
+    if path.endswith("chat/completions"):
+        return "chat"
+    return "completions" if path.endswith("/completions") else path

@@ -23,8 +23,12 @@ def add_serve_parser(sub, threshold_arg) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
                    "hub id (default: the embedded SmolLM2-135M-Instruct)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: bfloat16 "
+                   "on CPUs with AMX or AVX512-BF16, else float32)")
+    m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
+                   help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
+                   "exactly as int4; auto: follow the GGUF file's type; default: none)")
     m.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="where to run (default: cuda when available, else cpu)")
     m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -192,6 +196,7 @@ def build_server(args: argparse.Namespace):
 
             auto = default_auto_policy()
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=adapter,
+              quantization=getattr(args, "quantization", None),
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
               progress=False, auto=auto, cuda_graphs=args.cuda_graphs,
               tensor_parallel_size=args.tensor_parallel_size,
@@ -256,6 +261,11 @@ def server_config(args: argparse.Namespace, llm, model=None):
 
     name = args.served_model_name or Path(str(model)).name
     limit = llm.engine.max_model_len
+    if args.max_model_len is not None and limit < args.max_model_len:
+        import sys
+
+        print(f"warning: --max-model-len {args.max_model_len} is over the checkpoint's context "
+              f"limit; serving with {limit}", file=sys.stderr)
     return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         block_length=args.block_length, threshold=args.threshold,

@@ -5,7 +5,10 @@ Logprobs follow OpenAI's two formats: completions (``tokens``, ``token_logprobs`
 top_logprobs}]``). In the parallel modes a token's logprob is the one the engine recorded when
 it committed the token (the AR verifier's distribution in the speculative modes, the
 denoiser's at unmasking time in diffusion). Logprobs below -9999 are reported as -9999 so
-the JSON stays valid (a probability of 0 is -inf), as vLLM does.
+the JSON stays valid (a probability of 0 is -inf), as vLLM does. Chat ``bytes`` are each
+token's raw bytes (``Tokenizer.token_bytes``): a token that is part of a multi-byte character
+has its ``token`` shown as U+FFFD but its real bytes, so joining the bytes of all tokens
+gives the exact output bytes, even where the text is not valid UTF-8 (diffusion).
 """
 
 from __future__ import annotations
@@ -58,11 +61,11 @@ def logprobs(entries, endpoint: str, tokenizer, offset: int = 0) -> dict | None:
     if entries is None:
         return None
     piece = lambda i: tokenizer.decode([i])  # noqa: E731
+    raw = lambda i: list(tokenizer.token_bytes(i))  # noqa: E731  (exact, even mid-character)
     if endpoint == "chat":
         return {"content": [
-            {"token": piece(e.token_id), "logprob": _lp(e.logprob),
-             "bytes": list(piece(e.token_id).encode()),
-             "top_logprobs": [{"token": piece(t), "logprob": _lp(lp), "bytes": list(piece(t).encode())}
+            {"token": piece(e.token_id), "logprob": _lp(e.logprob), "bytes": raw(e.token_id),
+             "top_logprobs": [{"token": piece(t), "logprob": _lp(lp), "bytes": raw(t)}
                               for t, lp in e.top]} for e in entries]}
     tokens = [piece(e.token_id) for e in entries]
     offsets = []

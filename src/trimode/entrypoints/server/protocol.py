@@ -4,15 +4,20 @@ Follows the OpenAI API reference for ``/v1/completions`` and ``/v1/chat/completi
 trimode's extras at the top level of the body (``mode``, ``block_length``, ``threshold``,
 ``top_k``), which OpenAI clients send through ``extra_body``. Ranges live in the schema, so the
 OpenAPI document states them and a violation is reported before anything runs; NaN and
-infinity are rejected for every number (docs/cases.md B25). Unknown fields are ignored, as in vLLM.
-Knows nothing about the engine.
+infinity are rejected for every number (docs/cases.md B25). Types are strict: a boolean or a
+string is not a number and ``true`` is not a token id (422, as every type mismatch). Every text
+field (prompts, message contents and text parts, stop strings) must be valid Unicode: a lone
+surrogate such as the JSON escape ``"\\ud800"`` is a 400 naming the field, before anything
+reaches the tokenizer. Unknown fields are ignored, as in vLLM. Knows nothing about the engine.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from ...checkpoint.tokenizer import check_text
 
 from ...defaults import AUTO, DECODING_MODES
 
@@ -24,7 +29,19 @@ MAX_BLOCK_LENGTH = 1024
 MAX_STOP = 16
 
 
+def _texts(value, field: str):
+    """Check every string inside ``value`` (a string or nested lists) with check_text."""
+    if isinstance(value, str):
+        check_text(value, field)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _texts(item, f"{field}[{i}]")
+    return value
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: StrictBool = False
     trimode_events: StrictBool = Field(False, description="trimode: one extra chunk per model "
                                        "forward (object trimode.forward; README 'Live events')")
@@ -33,7 +50,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by both endpoints. None means the server's default (its flags)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = Field(None, description="the served model name (GET /v1/models)")
     max_tokens: int | None = Field(None, ge=1, description="generated-token limit")
@@ -57,14 +74,10 @@ class _Sampling(BaseModel):
     threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                     description="trimode: unmask / draft confidence threshold")
 
-    @field_validator("max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-                     "seed", "n", "block_length", "threshold", mode="before")
+    @field_validator("stop")
     @classmethod
-    def _no_booleans(cls, value, info):
-        """JSON true/false is not a number (pydantic would read true as 1)."""
-        if isinstance(value, bool):
-            raise ValueError(f"{info.field_name} must be a number, not a boolean")
-        return value
+    def _stop_text(cls, value):
+        return _texts(value, "stop")
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -89,7 +102,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]] = Field(
         ..., description="text, token ids, or a list of either (one result per prompt)")
     logprobs: bool | int | None = Field(None, description="number of top alternatives per "
                                         "token, 0..20 (true: top_logprobs or 0)")
@@ -97,6 +110,11 @@ class CompletionRequest(_Sampling):
     echo: bool = Field(False, description="not supported; only false")
     best_of: int | None = Field(None, description="not supported beyond n")
     suffix: str | None = Field(None, description="not supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value):
+        return _texts(value, "prompt")
 
     def n_logprobs(self) -> int | None:
         if self.logprobs is None or self.logprobs is False:
@@ -122,8 +140,15 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
+
+    @field_validator("text")
+    @classmethod
+    def _valid(cls, value):
+        return check_text(value, "text")
 
 
 class ImageURL(BaseModel):
@@ -137,10 +162,15 @@ class ImagePart(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _valid(cls, value):
+        return check_text(value, "content") if isinstance(value, str) else value
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -184,5 +214,7 @@ class RequestError(ValueError):
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error",
                code: int | str | None = None) -> dict:
-    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``. A message
+    that echoes invalid text (a lone surrogate) is escaped, so the body is always UTF-8."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

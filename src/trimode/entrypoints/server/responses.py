@@ -37,9 +37,10 @@ class Run:
     """The choices of one HTTP request, collected (non-stream) or streamed (SSE)."""
 
     def __init__(self, engine, jobs: list[Job], tokenizer, metrics: Metrics, endpoint: str,
-                 mode: str, start: float):
+                 mode: str, start: float, prompt_tokens: int = 0):
         self.engine, self.jobs, self.tokenizer, self.metrics = engine, jobs, tokenizer, metrics
         self.endpoint, self.mode, self.start = endpoint, mode, start
+        self.prompt_tokens = prompt_tokens
         self.choices = {j.index: Choice(j.index) for j in jobs}
         self.disconnected = False
         self.first_text_at: float | None = None
@@ -59,10 +60,13 @@ class Run:
         return choice
 
     def _finish(self, status: int) -> None:
+        """Count the request under the mode that ran (what ``auto`` chose; the requested
+        mode if the choices differ or none started), the same label for every counter."""
         modes = {c.mode for c in self.choices.values() if c.mode}
         mode = modes.pop() if len(modes) == 1 else self.mode
         status = 499 if self.disconnected else status
         self.metrics.requests.labels(self.endpoint, mode, str(status)).inc()
+        self.metrics.prompt_tokens.labels(mode).inc(self.prompt_tokens)
         if status == 200:
             if self.first_text_at is not None:
                 self.metrics.ttft.labels(mode).observe(self.first_text_at - self.start)

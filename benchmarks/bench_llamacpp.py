@@ -1,0 +1,150 @@
+"""trimode against llama.cpp on the same GGUF file and thread count, interleaved.
+
+Builds llama.cpp's ``llama-bench`` (plus ``llama-completion``, ``llama-diffusion-cli``) from the
+source inside PyPI's ``llama-cpp-python==0.3.36`` sdist, once, under ``$TRIMODE_CACHE/llamacpp``
+(default ``~/.cache/trimode/llamacpp``), with ``GGML_NATIVE=OFF`` and the AVX2/AVX-512 options
+(llama.cpp's AMX path crashes in some virtual machines); skipped with a message when cmake or a
+C++ compiler is missing. Then, per round, llama.cpp ``tg64`` / ``pp8`` / ``pp16`` and trimode's
+ar, linear_spec, quadratic_spec and diffusion tokens/s (batch 1, held-out prompts, greedy) on
+the same file; the table reports medians over rounds and the ratio to llama.cpp tg64. The
+machine may be shared: only the ratios within one run mean anything.
+
+    python benchmarks/bench_llamacpp.py [--gguf FILE] [--threads 2] [--rounds 3] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+SDIST = "llama-cpp-python==0.3.36"
+TARGETS = ("llama-bench", "llama-completion", "llama-diffusion-cli")
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX2=ON", "-DGGML_AVX512=ON",
+               "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DLLAMA_BUILD_TESTS=OFF",
+               "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+               "-DLLAMA_BUILD_APP=OFF"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TRIMODE_CACHE") or Path.home() / ".cache" / "trimode"
+    return Path(root) / "llamacpp"
+
+
+def build(jobs: int = 2) -> Path | None:
+    """``build/bin`` of llama.cpp (built on first use); None with a message if impossible."""
+    src = cache_dir() / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
+    bin_dir = src / "build" / "bin"
+    if all((bin_dir / t).exists() for t in TARGETS[:1]):
+        return bin_dir
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        print(f"llama.cpp skipped: {', '.join(missing)} not found (install cmake and a C++ compiler)")
+        return None
+    if not src.exists():
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        SDIST, "-d", str(cache_dir())], check=True)
+        with tarfile.open(cache_dir() / "llama_cpp_python-0.3.36.tar.gz") as tar:
+            tar.extractall(cache_dir(), filter="data")
+    subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), *CMAKE_FLAGS], check=True)
+    subprocess.run(["nice", "cmake", "--build", str(src / "build"), "--target", *TARGETS,
+                    f"-j{jobs}"], check=True)
+    return bin_dir
+
+
+def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict[str, float]:
+    """tokens/s of tg64, pp8, pp16 (llama-bench, 2 repetitions)."""
+    out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads),
+                          "-p", "8,16", "-n", "64", "-r", "2", "-o", "json"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    return {("tg" if r["n_gen"] else "pp") + str(r["n_gen"] or r["n_prompt"]): r["avg_ts"] for r in rows}
+
+
+def trimode_rates(llm, prompts, max_tokens: int) -> dict[str, float]:
+    from trimode import SamplingParams
+
+    rates, ids = {}, {}
+    for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
+        params = SamplingParams(mode=mode, max_tokens=max_tokens, temperature=0,
+                                **({"block_length": 8} if mode != "ar" else {}))
+        start, tokens, ids[mode] = time.perf_counter(), 0, []
+        for p in prompts:  # batch 1
+            out = llm.chat([[{"role": "user", "content": p}]], params)[0]
+            tokens += out.metrics.generated_tokens
+            ids[mode].append(out.token_ids)
+        rates[mode] = tokens / (time.perf_counter() - start)
+        rates[mode + " identical to ar"] = sum(a == b for a, b in zip(ids[mode], ids["ar"]))
+    return rates
+
+
+def main() -> None:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from trimode import LLM
+    from trimode.checkpoint.embedded import shipped_adapter
+    from trimode.quant.cpu import describe
+    from trimode.training.corpora import eval_prompts
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf", default=None, help="GGUF file (default: trimode's Q8_0 llama-arch "
+                    "export of the embedded model)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--quantization", default="auto")
+    ap.add_argument("--write", action="store_true", help="write the table to benchmarks/sections/llamacpp.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = describe()
+    print("cpu:", cpu, "| machine shared with other jobs", flush=True)
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is None:
+        from trimode.checkpoint.gguf_export import export_gguf
+
+        gguf = export_gguf(None, Path(tempfile.mkdtemp()) / "smollm2-q8_0.gguf", "q8_0", arch="llama")
+    bin_dir = build()
+    llm = LLM(str(gguf), quantization=args.quantization, draft_adapter=shipped_adapter() or False,
+              progress=False)
+    sets = eval_prompts(n_gsm=args.prompts)
+    prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]
+    peer, ours = [], []
+    for r in range(args.rounds):
+        if bin_dir is not None:
+            peer.append(llama_bench(bin_dir, gguf, args.threads))
+        ours.append(trimode_rates(llm, prompts, args.max_tokens))
+        print(json.dumps({"round": r, "llama.cpp": peer[-1] if peer else None, "trimode": ours[-1]}), flush=True)
+    med = lambda rows, k: statistics.median(row[k] for row in rows)  # noqa: E731
+    lines = [f"GGUF `{gguf.name}`, {args.threads} threads, quantization={llm.quantization}, "
+             f"{args.rounds} interleaved rounds (medians); CPU: {cpu}; shared machine.", "",
+             "| engine | test | tokens/s | / llama.cpp tg64 |", "|---|---|---:|---:|"]
+    tg = med(peer, "tg64") if peer else None
+    for k in ("tg64", "pp8", "pp16"):
+        if peer:
+            lines.append(f"| llama.cpp | {k} | {med(peer, k):.1f} | {med(peer, k) / tg:.2f}x |")
+    for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
+        v = med(ours, mode)
+        same = f"{ours[-1][mode + ' identical to ar']}/{len(prompts)} identical to ar"
+        lines.append(f"| trimode | {mode} (block 8; {same}) | {v:.1f} | "
+                     + (f"{v / tg:.2f}x |" if tg else "– |"))
+    lines.append("")
+    lines.append(f"Command: `python benchmarks/bench_llamacpp.py {' '.join(sys.argv[1:])}`".rstrip())
+    print("\n".join(lines))
+    if args.write:
+        out = Path(__file__).parent / "sections" / "llamacpp.md"
+        out.write_text("## trimode vs llama.cpp (same GGUF, same threads)\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

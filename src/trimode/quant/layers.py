@@ -1,0 +1,115 @@
+"""Weight-only int8 / int4 linear layers on PyTorch's own CPU kernels.
+
+``int8``: ``torch.ops.aten._weight_int8pack_mm`` (per-output-channel symmetric scales).
+``int4``: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (tinygemm layout: per group of
+``group_size`` inputs, ``w = (q - 8) * scale + zero`` with ``q`` in 0..15).
+
+Both kernels are only fast with bf16 activations (fp32 activations take a scalar path that
+was measured 10-100x slower than a dense fp32 GEMV on this project's CPUs), so the matmul runs
+in bf16 and the result is cast back to the caller's dtype; the rest of the model keeps its
+dtype. Both kernels compute each row of ``x`` independently (the result for a token does not
+depend on how many tokens share the call; checked in tests), which keeps the exact modes exact.
+The draft adapter (LoRA) works unchanged: :class:`QuantLinear` only replaces the base matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model.model import Linear
+
+COMPUTE_DTYPE = torch.bfloat16
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+@dataclass
+class Int8Weight:
+    """``w[n, k] ~= q[n, k] * scale[n]`` (q int8 ``[N, K]``, scale fp32 ``[N]``)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale[:, None].float()
+
+
+@dataclass
+class Int4Weight:
+    """``w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]``, ``g = k // group_size``
+    (q int 0..15 ``[N, K]``, scale and zero fp32 ``[N, K / group_size]``)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_size: int
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        g = self.group_size
+        w = (self.q.float().view(n, k // g, g) - 8) * self.scale[..., None] + self.zero[..., None]
+        return w.view(n, k)
+
+
+def int8_from_float(w: torch.Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8 (round to nearest)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q, scale)
+
+
+def int4_from_float(w: torch.Tensor, group_size: int = 32) -> Int4Weight:
+    """Asymmetric min/max int4 per group of ``group_size`` inputs (like GGUF Q4_1)."""
+    n, k = w.shape
+    if group_size not in INT4_GROUP_SIZES or k % group_size:
+        raise ValueError(f"int4 needs group_size in {INT4_GROUP_SIZES} dividing in_features={k}; "
+                         f"got group_size={group_size}")
+    wg = w.float().view(n, k // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return Int4Weight(q.view(n, k), scale, lo + 8 * scale, group_size)
+
+
+class QuantLinear(Linear):
+    """A bias-free :class:`~trimode.model.Linear` whose base weight is int8 or int4.
+
+    ``source`` says where the integers came from (e.g. ``"gguf Q4_1 (exact blocks)"`` or
+    ``"int8 from float32"``), for ``describe``. ``dtype`` is the activation dtype of the
+    surrounding model (LoRA tensors are kept in it).
+    """
+
+    def __init__(self, weight: Int8Weight | Int4Weight, dtype: torch.dtype, source: str = ""):
+        torch.nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.q.shape
+        self.lora_A = self.lora_B = None
+        self.lora_scale = 0.0
+        self.activation_dtype = dtype
+        self.source = source
+        if isinstance(weight, Int8Weight):
+            self.bits, self.group_size = 8, self.in_features
+            self.register_buffer("qweight", weight.q.contiguous())
+            self.register_buffer("scales", weight.scale.to(COMPUTE_DTYPE))
+        else:
+            self.bits, self.group_size = 4, weight.group_size
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                weight.q.to(torch.int32).contiguous(), 1)
+            self.register_buffer("qweight", packed)
+            sz = torch.stack([weight.scale, weight.zero], -1).transpose(0, 1).contiguous()
+            self.register_buffer("scales", sz.to(COMPUTE_DTYPE))  # [K / g, N, 2]
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        if self.bits == 8:
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size,
+                                                             self.scales)
+        return out.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, source={self.source!r}")
