@@ -115,7 +115,7 @@ class LLM:
 
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
         if tensor_parallel_size != 1 or distributed is not None:
-            if quantization is not None:
+            if quantization != "none":
                 raise ValueError("quantization is not supported with tensor_parallel_size > 1 yet")
             self.model = _tensor_parallel(self.model, model, draft_adapter, tensor_parallel_size,
                                           distributed)
