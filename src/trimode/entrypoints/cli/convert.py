@@ -1,4 +1,7 @@
-"""``trimode convert [MODEL] --to gguf --outtype f32|f16|bf16|q8_0 [--arch dream|llama] OUT``."""
+"""``trimode convert [MODEL] OUT [--to gguf] [--outtype f32|f16|bf16|q8_0] [--arch dream|llama]``.
+
+The paths come together (argparse cannot split them around options when MODEL is optional).
+"""
 
 from __future__ import annotations
 
