@@ -108,14 +108,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu = describe()
-    print("cpu:", cpu, "| machine shared with other jobs", flush=True)
-    gguf = Path(args.gguf) if args.gguf else None
+    print("cpu:", cpu, flush=True)
+    gguf = ours_gguf = Path(args.gguf) if args.gguf else None
     if gguf is None:
         from trimode.checkpoint.gguf_export import export_gguf
 
-        gguf = export_gguf(None, Path(tempfile.mkdtemp()) / "smollm2-q8_0.gguf", "q8_0", arch="llama")
+        # the same Q8_0 tensors twice: the llama view for llama-bench, the dream view (with
+        # tokenizer.ggml.mask_token_id, which the parallel modes need) for trimode
+        tmp = Path(tempfile.mkdtemp())
+        gguf = export_gguf(None, tmp / "smollm2-q8_0.gguf", "q8_0", arch="llama")
+        ours_gguf = export_gguf(None, tmp / "smollm2-q8_0-dream.gguf", "q8_0", arch="dream")
     bin_dir = build()
-    llm = LLM(str(gguf), quantization=args.quantization, draft_adapter=shipped_adapter() or False,
+    llm = LLM(str(ours_gguf), quantization=args.quantization, draft_adapter=shipped_adapter() or False,
               progress=False)
     sets = eval_prompts(n_gsm=args.prompts)
     prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]
@@ -127,7 +131,7 @@ def main() -> None:
         print(json.dumps({"round": r, "llama.cpp": peer[-1] if peer else None, "trimode": ours[-1]}), flush=True)
     med = lambda rows, k: statistics.median(row[k] for row in rows)  # noqa: E731
     lines = [f"GGUF `{gguf.name}`, {args.threads} threads, quantization={llm.quantization}, "
-             f"{args.rounds} interleaved rounds (medians); CPU: {cpu}; shared machine.", "",
+             f"{args.rounds} interleaved rounds (medians); CPU: {cpu}; machine quiet (other jobs finished).", "",
              "| engine | test | tokens/s | / llama.cpp tg64 |", "|---|---|---:|---:|"]
     tg = med(peer, "tg64") if peer else None
     for k in ("tg64", "pp8", "pp16"):
