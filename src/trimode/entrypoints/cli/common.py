@@ -29,6 +29,24 @@ def flag_error(exc: ValueError, fields) -> UsageError:
     return UsageError(str(exc))
 
 
+def add_model_args(group, model_help: str, adapter_help: str) -> None:
+    """The model flags ``generate``, ``chat``, ``bench`` and ``serve`` share (--model, --dtype,
+    --quantization, --device, --no-cuda-graphs, --draft-adapter)."""
+    group.add_argument("--model", default=None, help=model_help)
+    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
+                       help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: "
+                       "bfloat16 on CPUs with AMX or AVX512-BF16, else float32)")
+    group.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
+                       help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
+                       "exactly as int4; auto: follow the GGUF file's type; default: none)")
+    group.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                       help="where to run (default: cuda when available, else cpu)")
+    group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                       help="on cuda, run every forward eagerly instead of replaying captured "
+                       "CUDA graphs of the decode forward")
+    group.add_argument("--draft-adapter", metavar="PATH", default=None, help=adapter_help)
+
+
 def threshold_arg(text: str) -> float | None:
     if text.lower() == "none":
         return None

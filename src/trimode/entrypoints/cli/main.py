@@ -24,7 +24,8 @@ from rich.console import Console
 from ...defaults import DRAFT_SEGMENTS, MAX_TOKENS, MODES
 from ...extras import require
 from ..server.cli import add_serve_parser
-from .common import Parser, UsageError, load, one_line, segments_arg, threshold_arg
+from .common import (Parser, UsageError, add_model_args, load, one_line, segments_arg,
+                     threshold_arg)
 from .generate import (DEFAULT, DIFFUSION_THRESHOLD, Interrupted, chat_loop, decode_input,
                        run_one, sampling_params, summary, user_text)
 from .visual import MASK_GLYPH, LiveView
@@ -46,21 +47,9 @@ exit codes: 0 ok, 2 bad flag/input/checkpoint (one line on stderr), 130 interrup
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     m = common.add_argument_group("model")
-    m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
-                   "hub id (default: the embedded SmolLM2-135M-Instruct, converted on first use)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
-                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: bfloat16 "
-                   "on CPUs with AMX or AVX512-BF16, else float32)")
-    m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
-                   help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
-                   "exactly as int4; auto: follow the GGUF file's type; default: none)")
-    m.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="where to run (default: cuda when available, else cpu)")
-    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="on cuda, run every forward eagerly instead of replaying captured "
-                   "CUDA graphs of the decode forward")
-    m.add_argument("--draft-adapter", metavar="PATH", default=None,
-                   help="PEFT LoRA directory used for linear_spec / quadratic_spec draft passes "
+    add_model_args(m, "checkpoint directory, .gguf file or cached hub id (default: the embedded "
+                   "SmolLM2-135M-Instruct, converted on first use)",
+                   "PEFT LoRA directory used for linear_spec / quadratic_spec draft passes "
                    "(and diffusion denoising if trained for it); 'none' for no adapter "
                    "(default: the shipped tri-mode adapter on the embedded model)")
     d = common.add_argument_group("decoding")
@@ -114,7 +103,7 @@ def build_parser() -> Parser:
                    "Commands (a line of one word starting with '/'): /help lists them, /reset "
                    "clears the history, /exit (or end of input) quits; any other such word is "
                    "refused, not sent. Exits 2 if a turn failed.")
-    add_serve_parser(sub, threshold_arg)
+    add_serve_parser(sub)
     from ...bench.cli import add_parser as add_bench
 
     add_bench(sub)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli.common import add_model_args, threshold_arg
 from ...defaults import CONTEXT_CAP, MAX_TOKENS, MODES, PARALLEL_MODES, THRESHOLD
 
 FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "block_length", "threshold")
 
 
-def add_serve_parser(sub, threshold_arg) -> None:
-    """The ``serve`` subparser; ``threshold_arg`` parses --threshold as the CLI does."""
+def add_serve_parser(sub) -> None:
+    """The ``serve`` subparser (--threshold parsed as the CLI does)."""
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                        description="Serve the model over HTTP: /v1/completions, "
                        "/v1/chat/completions, /v1/models, /health, /metrics, and a playground "
@@ -21,22 +22,10 @@ def add_serve_parser(sub, threshold_arg) -> None:
                        "mode, block_length, threshold and top_k in the body (extra_body in "
                        "OpenAI clients); these flags set the defaults for fields they omit.")
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=None, help="checkpoint directory, .gguf file or cached "
-                   "hub id (default: the embedded SmolLM2-135M-Instruct)")
-    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
-                   help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: bfloat16 "
-                   "on CPUs with AMX or AVX512-BF16, else float32)")
-    m.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
-                   help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
-                   "exactly as int4; auto: follow the GGUF file's type; default: none)")
-    m.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="where to run (default: cuda when available, else cpu)")
-    m.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="on cuda, run every forward eagerly instead of replaying captured "
-                   "CUDA graphs of the decode forward")
-    m.add_argument("--draft-adapter", metavar="PATH", default=None,
-                   help="PEFT LoRA directory for draft passes (and diffusion denoising when the adapter "
-                   "is marked for it); default: the shipped adapter for the embedded model")
+    add_model_args(m, "checkpoint directory, .gguf file or cached hub id (default: the "
+                   "embedded SmolLM2-135M-Instruct)",
+                   "PEFT LoRA directory for draft passes (and diffusion denoising when the "
+                   "adapter is marked for it); default: the shipped adapter for the embedded model")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -118,11 +107,11 @@ def serve(args: argparse.Namespace) -> int:
 def serve_args(options: dict) -> argparse.Namespace:
     """``trimode serve`` args from ``{flag without dashes: value}`` (a Ray Serve config's
     ``args``); raises UsageError for an unknown flag or a bad value."""
-    from ..cli.common import Parser, threshold_arg
+    from ..cli.common import Parser
 
     parser = Parser(prog="trimode")
     sub = parser.add_subparsers(dest="command")
-    add_serve_parser(sub, threshold_arg)
+    add_serve_parser(sub)
     switches = {o for a in sub.choices["serve"]._actions if isinstance(a, argparse._StoreTrueAction)
                 for o in a.option_strings}
     argv = ["serve"]
