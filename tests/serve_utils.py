@@ -14,14 +14,22 @@ from dataclasses import dataclass, field
 from trimode.outputs import RequestMetrics
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for servers started in another process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
-def running(app):
-    """Serve ``app`` on a free 127.0.0.1 port; yields the base URL (``http://.../``)."""
+def running(app, port: int = 0):
+    """Serve ``app`` on 127.0.0.1:``port`` (0: a free port; a fixed one lets a test bring a
+    server back on the same port); yields the base URL (``http://.../``)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
 
 from conftest import make_oracle, write_checkpoint
+from serve_utils import free_port, running
 from test_server import start
 
 PROMPT = "hello there"
@@ -36,34 +34,6 @@ def html_names(directory) -> None:
                               for k, i in vocab.items()}
     path.write_text(json.dumps(spec))
 
-
-@contextmanager
-def serve_on(app, port: int):
-    """uvicorn serving ``app`` on 127.0.0.1:``port`` (so it can come back on the same port)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +99,7 @@ def test_two_modes_side_by_side_from_the_keyboard(app, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    with serve_on(app, free_port()) as url:
+    with running(app, free_port()) as url:
         browser.get(url + "/")
         wait(lambda: browser.find_element(By.ID, "status").text.startswith("connected"),
              what="the page to connect")
@@ -171,7 +141,7 @@ def test_server_error_and_restart_are_shown(app, browser):
     from selenium.webdriver.common.by import By
 
     port = free_port()
-    with serve_on(app, port) as url:
+    with running(app, port) as url:
         browser.get(url + "/")
         wait(lambda: browser.find_element(By.ID, "status").text.startswith("connected"),
              what="the page to connect")
@@ -190,7 +160,7 @@ def test_server_error_and_restart_are_shown(app, browser):
     browser.find_element(By.ID, "send").click()
     wait(lambda: "connection to the server was lost" in browser.find_element(By.ID, "errors").text,
          what="a lost-connection message")
-    with serve_on(app, port):
+    with running(app, port):
         wait(lambda: browser.find_element(By.ID, "status").text.startswith("connected"),
              timeout=10, what="the page to reconnect")
 
@@ -214,7 +184,7 @@ def test_page_is_package_data_and_can_be_turned_off(app, tiny):
         text = (folder / name).read_text().replace("http://www.w3.org/2000/svg", "")
         assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
         assert "innerHTML" not in text and "insertAdjacentHTML" not in text, name
-    with serve_on(app, free_port()) as url:
+    with running(app, free_port()) as url:
         page = httpx.get(url + "/")
         assert page.status_code == 200 and "trimode playground" in page.text
         assert httpx.get(url + "/ui/app.js").status_code == 200
@@ -224,7 +194,7 @@ def test_page_is_package_data_and_can_be_turned_off(app, tiny):
     assert build_parser().parse_args(["serve", "--no-ui"]).ui is False
     assert build_parser().parse_args(["serve"]).ui is True
     engine, off = start(LLM(str(tiny[0])), ui=False)
-    with serve_on(off, free_port()) as url:
+    with running(off, free_port()) as url:
         assert httpx.get(url + "/").status_code == 404
         assert httpx.get(url + "/ui/app.js").status_code == 404
         assert httpx.get(url + "/health").status_code == 200

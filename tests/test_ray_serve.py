@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 
 import pytest
 
+from serve_utils import free_port
 from trimode import SamplingParams
 
 ray = pytest.importorskip("ray")
@@ -27,11 +27,6 @@ KNOBS = {"ar": {}, "diffusion": {"block_length": 4, "threshold": 0.5},
 PROMPTS = ["w5 w6 w7", "w10 w11", "w40 w41 w42 w43", "w20", "w90 w31 w7", "w8 w8 w8 w9"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def endpoint(tiny):
@@ -39,7 +34,7 @@ def endpoint(tiny):
     from trimode.entrypoints.ray import application
     from trimode.entrypoints.server.cli import check_flags, serve_args
 
-    port = _free_port()
+    port = free_port()
     args = serve_args({"model": str(tiny[0]), "ray": True, "replicas": 2, "max-batch-size": 16,
                        "served-model-name": "tiny", "mode": "ar", "temperature": 0,
                        "max-tokens": 12, "host": "127.0.0.1", "port": port,

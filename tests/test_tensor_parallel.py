@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from conftest import make_oracle, write_checkpoint
+from serve_utils import free_port
 from test_adapter import save_peft_adapter
 from trimode import LLM, SamplingParams
 from trimode.distributed import Launch, check_divisible
@@ -148,7 +148,7 @@ def test_split_kv_heads_and_streaming_across_two_nodes(tiny, tiny_llm, tp_llm):
     """The default tiny model (4 heads, 2 KV heads: one per rank), vocabulary 96, with the
     torchrun-style flags: rank 1 is ``trimode serve --nnodes 2 --node-rank 1`` in another
     process (loopback), which exits 0 when rank 0 closes the group."""
-    port = _free_port()
+    port = free_port()
     node1 = subprocess.Popen(
         [sys.executable, "-m", "trimode", "serve", "--model", str(tiny[0]),
          "--tensor-parallel-size", "2", "--nnodes", "2", "--node-rank", "1",
@@ -169,11 +169,6 @@ def test_split_kv_heads_and_streaming_across_two_nodes(tiny, tiny_llm, tp_llm):
             node1.kill()
             node1.wait()
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_geometry_and_device_errors(tiny, monkeypatch):
