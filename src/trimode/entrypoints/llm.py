@@ -125,6 +125,10 @@ class LLM:
                                           distributed)
             # graphs would capture the step-plan broadcast: the decode forward runs eagerly
             engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
+        else:
+            from ..model.fused import fuse_projections
+
+            fuse_projections(self.model)
         self.max_batch_size = max_batch_size
         self.engine = Engine(self.model, engine_config)
         # a tri-mode adapter (trimode train) is also on for diffusion denoising passes

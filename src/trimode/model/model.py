@@ -49,8 +49,28 @@ class Linear(nn.Linear):
         """The frozen weight's product (quant.QuantLinear replaces it with an int8/int4 kernel)."""
         return F.linear(x, self.weight)
 
+    def stack_key(self) -> tuple:
+        """Layers with equal keys can be stacked row-wise by ``stack``."""
+        return type(self), self.in_features, self.weight.dtype, self.weight.device
+
+    @classmethod
+    def stack(cls, layers: tuple[Linear, ...]) -> Linear:
+        """One layer computing ``layers``' base products side by side (rows concatenated);
+        each of ``layers`` keeps a view of its rows, so no weight is held twice."""
+        fused = cls(layers[0].in_features, sum(x.out_features for x in layers))
+        fused.weight = nn.Parameter(torch.cat([x.weight.detach() for x in layers]), requires_grad=False)
+        start = 0
+        for x in layers:
+            x.weight = nn.Parameter(fused.weight[start:start + x.out_features], requires_grad=False)
+            start += x.out_features
+        return fused
+
     def forward(self, x: torch.Tensor, adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.base(x)
+        return self.add_delta(self.base(x), x, adapter_rows)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor,
+                  adapter_rows: torch.Tensor | None) -> torch.Tensor:
+        """``out`` (this layer's base product of ``x``) plus the adapter delta where it is on."""
         if self.lora_A is None or adapter_rows is None:
             return out
         delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
@@ -69,6 +89,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.kv_heads * self.head_dim)
         self.o_proj = Linear(self.heads * self.head_dim, d)
         self.batch_invariant = False  # see ``attend``; set by ``set_batch_invariant``
+        self.qkv: Linear | None = None  # q, k, v rows in one layer (``fused.fuse_projections``)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple) -> torch.Tensor:
         """``x`` ``[B, T, d]``, or ``[N, d]`` real tokens only when ``batch.real`` is set
@@ -77,15 +98,18 @@ class Attention(nn.Module):
         b, t = batch.positions.shape
         ad = batch.adapter_rows
 
-        def heads(proj: Linear, n: int) -> torch.Tensor:
-            y = proj(x, ad)
+        def heads(y: torch.Tensor, n: int) -> torch.Tensor:
             if real is not None:
                 y = _scatter_rows(y, real, b, t)
             return y.view(b, t, n, self.head_dim).transpose(1, 2)
 
-        q = heads(self.q_proj, self.heads)
-        k = heads(self.k_proj, self.kv_heads)
-        v = heads(self.v_proj, self.kv_heads)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv is None:
+            q, k, v = (proj(x, ad) for proj in projs)
+        else:  # one matmul for the three (model.fused); adapter deltas per projection
+            parts = self.qkv.base(x).split([p.out_features for p in projs], -1)
+            q, k, v = (p.add_delta(y, x, ad) for p, y in zip(projs, parts))
+        q, k, v = heads(q, self.heads), heads(k, self.kv_heads), heads(v, self.kv_heads)
         cos, sin, q_scale = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if q_scale is not None:
@@ -108,10 +132,16 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_up: Linear | None = None  # gate and up rows in one layer (``fused``)
 
     def forward(self, x: torch.Tensor, adapter_rows: torch.Tensor | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapter_rows)) * self.up_proj(x, adapter_rows),
-                              adapter_rows)
+        if self.gate_up is None:
+            gate, up = self.gate_proj(x, adapter_rows), self.up_proj(x, adapter_rows)
+        else:
+            gate, up = self.gate_up.base(x).chunk(2, -1)
+            gate = self.gate_proj.add_delta(gate, x, adapter_rows)
+            up = self.up_proj.add_delta(up, x, adapter_rows)
+        return self.down_proj(F.silu(gate) * up, adapter_rows)
 
 
 class DecoderLayer(nn.Module):
