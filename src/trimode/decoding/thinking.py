@@ -136,33 +136,53 @@ class Thinking:
         return out
 
 
+class Splitter:
+    """Routes generated ids, one at a time, to the reasoning or the answer (tags dropped),
+    as vLLM's think-tag reasoning parsers do with text: inside the tags is reasoning, the
+    rest is the answer, and the prompt decides where generation starts. Ids that could still
+    be the start of a tag are held back until they are known not to be (``push``), or the
+    output ends (``flush``: they are text of the part they are in)."""
+
+    def __init__(self, tags: ThinkTags, prompt_ids: list[int]):
+        self.tags = tags
+        self._think = Thinking(tags, None, prompt_ids)
+        self.found = self._think.state.inside  # any reasoning (an open tag) seen
+        self._held: list[int] = []
+
+    @property
+    def inside(self) -> bool:
+        return self._think.state.inside
+
+    def push(self, tok: int) -> list[tuple[bool, int]]:
+        """(is reasoning, id) of the ids this one releases, in order."""
+        was = self.inside
+        self._think.commit(tok)
+        self._held.append(tok)
+        held = self._held
+        if was != self.inside:  # a tag completed: its ids are not text
+            self.found = True
+            tag = self.tags.close if was else self.tags.open
+            self._held = []
+            return [(was, t) for t in held[: len(held) - len(tag)]]
+        tag = self.tags.close if self.inside else self.tags.open
+        keep = max((j for j in range(1, min(len(tag), len(held) + 1))
+                    if held[len(held) - j:] == list(tag[:j])), default=0)
+        self._held = held[len(held) - keep:]
+        return [(was, t) for t in held[: len(held) - keep]]
+
+    def flush(self) -> list[tuple[bool, int]]:
+        """The held ids, as text of the current part (the output ended)."""
+        out = [(self.inside, t) for t in self._held]
+        self._held = []
+        return out
+
+
 def split(tags: ThinkTags, prompt_ids: list[int], ids: list[int],
           final: bool = True) -> tuple[list[int], list[int], bool]:
-    """(reasoning ids, answer ids, whether any reasoning was found) of generated ``ids``.
-
-    Tags are dropped. A partial tag at the end is held back unless ``final`` (then it is
-    text of the part it is in). Follows vLLM's think-tag reasoning parsers: text inside the
-    tags is reasoning, the rest is the answer; the prompt decides where generation starts.
-    """
-    think = Thinking(tags, None, prompt_ids)
-    found = think.state.inside
-    reasoning, answer, pending = [], [], []
-    for tok in ids:
-        before = think.state
-        think.commit(tok)
-        after = think.state
-        pending.append(tok)
-        if before.inside != after.inside:  # a tag completed: its ids are not text
-            found = True
-            tag = tags.close if before.inside else tags.open
-            (reasoning if before.inside else answer).extend(pending[: len(pending) - len(tag)])
-            pending = []
-            continue
-        tag = tags.close if after.inside else tags.open
-        keep = max((j for j in range(1, len(tag)) if pending[len(pending) - j:] == list(tag[:j])
-                    and j <= len(pending)), default=0)
-        (reasoning if after.inside else answer).extend(pending[: len(pending) - keep])
-        pending = pending[len(pending) - keep:]
-    if final:
-        (reasoning if think.state.inside else answer).extend(pending)
-    return reasoning, answer, found
+    """(reasoning ids, answer ids, whether any reasoning was found) of generated ``ids``
+    (``Splitter``); ``final=False`` keeps a trailing partial tag back."""
+    splitter, parts = Splitter(tags, prompt_ids), ([], [])
+    released = [x for tok in ids for x in splitter.push(tok)]
+    for reasoning, tok in released + (splitter.flush() if final else []):
+        parts[0 if reasoning else 1].append(tok)
+    return parts[0], parts[1], splitter.found
