@@ -62,7 +62,8 @@ def variant(model, name: str) -> None:
     fused, invariant = model._as_loaded
     for layer, (qkv, gate_up) in zip(model.encoder.layers, fused):
         on = name != "unfused"
-        layer.self_attn.qkv, layer.mlp.gate_up = (qkv, gate_up) if on else (None, None)
+        object.__setattr__(layer.self_attn, "qkv", qkv if on else None)
+        object.__setattr__(layer.mlp, "gate_up", gate_up if on else None)
     set_batch_invariant(model, invariant and name != "sdpa")
 
 
