@@ -18,6 +18,7 @@ from typing import Sequence as Seq
 import torch
 
 from ..decoding.sequence import Sequence
+from ..decoding.thinking import ThinkTags, split
 from ..engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
 from ..checkpoint.loader import load_model
 from ..multimodal.image import ImageLimits
@@ -129,6 +130,8 @@ class LLM:
         self.engine = Engine(self.model, engine_config)
         # a tri-mode adapter (trimode train) is also on for diffusion denoising passes
         self.engine.denoise_adapter = bool(self.draft_adapter is not None and self.draft_adapter.denoise)
+        # <think> / </think> as the tokenizer spells them: max_thinking_tokens, reasoning()
+        self.think_tags = self.engine.think_tags = ThinkTags.of(self.tokenizer)
         self._async = None
 
     @property
@@ -166,19 +169,32 @@ class LLM:
 
     def chat(self, conversations: list[dict] | Seq[list[dict]],
              params: SamplingParams | Seq[SamplingParams] | None = None,
-             on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
+             on_step: Callable[[int, Sequence], None] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Apply the checkpoint's chat template to each conversation and decode.
 
         A message's content is a string or a list of OpenAI-style parts: ``{"type": "text",
         "text": ...}``, ``{"type": "image_url", "image_url": {"url": ...}}`` (a ``data:`` URL
         or a local path) or ``{"type": "image", "image": PIL.Image}`` (NLD-VLM checkpoints;
-        see ``trimode.multimodal.prompt``). Raises ValueError (ImageError for a bad image)."""
+        see ``trimode.multimodal.prompt``). ``chat_template_kwargs``: extra template
+        variables, e.g. ``{"enable_thinking": False}`` (NLD's template then renders
+        ``<think></think>``). Raises ValueError (ImageError for a bad image)."""
         batch = [conversations] if conversations and isinstance(conversations[0], dict) \
             else list(conversations)
-        built = [chat_prompt(self.tokenizer, self.config.vision, list(c), self.image_limits)
-                 for c in batch]
+        built = [chat_prompt(self.tokenizer, self.config.vision, list(c), self.image_limits,
+                             chat_template_kwargs) for c in batch]
         return self._run([b[0] for b in built], [None] * len(built), params, on_step,
                          [b[1] or None for b in built])
+
+    def reasoning(self, output: RequestOutput) -> Reasoning:
+        """``output`` split at its ``<think> ... </think>`` tags (the prompt's open tag
+        counts): the thinking, the answer, and how many tokens the thinking took. Without
+        tags in the tokenizer, everything is the answer."""
+        if self.think_tags is None:
+            return Reasoning(None, output.text, 0)
+        thought, answer, found = split(self.think_tags, output.prompt_token_ids, output.token_ids)
+        return Reasoning(self.tokenizer.decode(thought) if found else None,
+                         self.tokenizer.decode(answer), len(thought))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         prompt = _as_id_list(prompt)
@@ -204,12 +220,12 @@ class LLM:
         return self._stream(self._prompt_ids(prompt), text, params, on_step)
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
-                    on_step: Callable[[int, Sequence], None] | None = None
-                    ) -> Iterator["StreamChunk"]:
+                    on_step: Callable[[int, Sequence], None] | None = None,
+                    chat_template_kwargs: dict | None = None) -> Iterator["StreamChunk"]:
         """``stream`` for one conversation: the checkpoint's chat template is applied (and
         image parts read) as in ``chat``."""
         ids, images = chat_prompt(self.tokenizer, self.config.vision, list(messages),
-                                  self.image_limits)
+                                  self.image_limits, chat_template_kwargs)
         return self._stream(ids, None, params, on_step, images or None)
 
     def _stream(self, ids: list[int], text: str | None, params: SamplingParams | None,
@@ -289,6 +305,16 @@ class LLM:
                     self.engine.pop_finished(r)
             raise
         return [to_output(s, t, self.tokenizer.decode(s.generated)) for t, s in zip(texts, seqs)]
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """An output split by ``LLM.reasoning``: ``reasoning_content`` (None when the output has
+    no thinking), ``content`` (the answer) and ``reasoning_tokens``."""
+
+    reasoning_content: str | None
+    content: str
+    reasoning_tokens: int
 
 
 @dataclass
