@@ -14,7 +14,7 @@ and the batched selection (``batch.select_rows``) makes them the only candidates
 linear_spec and quadratic_spec stay equal at temperature 0. ``split`` divides generated ids
 into reasoning and answer (tags dropped); with ``final=False`` it holds back a trailing
 partial tag, so the parts of a prefix are prefixes of the parts of the whole (streams equal
-one-shot responses). Knows nothing about tensors or text.
+one-shot responses). Knows nothing about tensors, and about text only in ``ThinkTags.of``.
 """
 
 from __future__ import annotations

@@ -98,7 +98,11 @@ class LLM:
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
         device = _check_device(device)
-        self.model, ckpt = load_model(model, dtype=dtype, device=device)
+        tensor_parallel = tensor_parallel_size != 1 or distributed is not None
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if tensor_parallel:  # whole model in host memory; each rank's GPU gets its shard only
+            dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
+        self.model, ckpt = load_model(model, dtype=dtype, device="cpu" if tensor_parallel else device)
         if quantization != "none":
             from ..quant import quantize_model
 
@@ -119,11 +123,11 @@ class LLM:
             from ..checkpoint.adapter import load_draft_adapter
 
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
-        if tensor_parallel_size != 1 or distributed is not None:
+        if tensor_parallel:
             if quantization != "none":
                 raise ValueError("quantization is not supported with tensor_parallel_size > 1 yet")
             self.model = _tensor_parallel(self.model, model, draft_adapter, tensor_parallel_size,
-                                          distributed)
+                                          distributed, target)
             # graphs would capture the step-plan broadcast: the decode forward runs eagerly
             engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
         else:
@@ -333,12 +337,13 @@ class StreamChunk:
     output: RequestOutput | None = None  # the whole result, on the last chunk
 
 
-def _tensor_parallel(model, path, adapter, size, launch):
+def _tensor_parallel(model, path, adapter, size, launch, device: torch.device):
+    """Shard ``model`` (loaded in host memory) over ``size`` ranks on ``device``'s kind."""
     from ..distributed import ModelSpec, start
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"tensor_parallel_size must be an integer >= 1; got {size!r}")
-    spec = ModelSpec(str(path), str(model.dtype).removeprefix("torch."), str(model.device),
+    spec = ModelSpec(str(path), str(model.dtype).removeprefix("torch."), str(device),
                      None if adapter is None else str(adapter))
     return start(model, spec, size, launch)
 
