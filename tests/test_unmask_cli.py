@@ -76,3 +76,40 @@ def test_llamacpp_flags_generate_what_the_api_does(capsys, tiny, tiny_llm):
     want = tiny_llm.generate("w5 w6 w7", SamplingParams(mode="diffusion", max_tokens=12,
                                                         unmask="entropy", steps=3))[0]
     assert got["token_ids"] == want.token_ids and got["metrics"]["nfe"] == want.metrics.nfe
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    from serve_utils import running
+
+    from trimode import LLM, AsyncEngine
+    from trimode.entrypoints.server.app import ServerConfig, build_app
+
+    llm = LLM(str(tiny[0]), max_batch_size=4, max_model_len=256)
+    engine = AsyncEngine(llm)
+    config = ServerConfig(model_name="tiny", mode="diffusion", max_tokens=10, temperature=0.0)
+    with running(build_app(engine, llm.tokenizer, llm.config.vocab_size, config)) as url:
+        yield url
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("extra, status, param", [
+    ({"unmask": "best"}, 400, "unmask"), ({"steps": 0}, 400, "steps"),
+    ({"steps": "2"}, 422, "steps"), ({"unmask": 1}, 400, "unmask"),
+])
+def test_server_rejects_bad_policy_fields(server, extra, status, param):
+    import httpx
+
+    r = httpx.post(server + "/v1/completions", json={"prompt": "w5", **extra}, timeout=60)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+def test_server_request_fields_equal_the_api(server, tiny_llm):
+    import httpx
+
+    body = {"prompt": "w5 w6 w7", "unmask": "leftmost", "steps": 4, "seed": 3}
+    r = httpx.post(server + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    want = tiny_llm.generate("w5 w6 w7", SamplingParams(mode="diffusion", max_tokens=10,
+                                                        unmask="leftmost", steps=4, seed=3))[0]
+    assert r.json()["choices"][0]["text"] == want.text

@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ...defaults import MAX_TOKENS
+from ...defaults import MAX_TOKENS, UNMASK
 from ...params import MODE_DEFAULT, SamplingParams
 from ...multimodal.image import ImageLimits
 from ...multimodal.prompt import chat_prompt
@@ -237,7 +237,7 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
             top_p=config.top_p if body.top_p is None else body.top_p, top_k=top_k,
             seed=None if body.seed is None else body.seed + j,
             block_length=body.block_length or config.block_length, threshold=threshold,
-            logprobs=body.n_logprobs())
+            logprobs=body.n_logprobs(), unmask=body.unmask or UNMASK, steps=body.steps)
         return _check(lambda: SamplingParams(**kwargs), None)
 
     return app
