@@ -113,3 +113,18 @@ def test_server_request_fields_equal_the_api(server, tiny_llm):
     want = tiny_llm.generate("w5 w6 w7", SamplingParams(mode="diffusion", max_tokens=10,
                                                         unmask="leftmost", steps=4, seed=3))[0]
     assert r.json()["choices"][0]["text"] == want.text
+
+
+def test_readme_policy_commands_build_valid_params():
+    """The README's unmask / llama.cpp commands pass the CLI's own checks (not only parse)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    lines = [line for line in re.findall(r"^trimode generate .*$", text, re.M)
+             if "--unmask" in line or "--diffusion-" in line]
+    assert len(lines) >= 5
+    for line in lines:
+        args = build_parser().parse_args(shlex.split(line.split("#")[0])[1:])
+        assert sampling_params(args).mode == "diffusion", line
