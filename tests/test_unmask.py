@@ -145,3 +145,14 @@ def test_threshold_resolution_with_steps():
     assert SamplingParams(mode="diffusion", steps=4).threshold is None
     assert SamplingParams(mode="diffusion", steps=4, threshold=0.5).threshold == 0.5
     assert SamplingParams(mode="linear_spec", steps=4).threshold == 0.0  # ignored there
+
+
+def test_sampled_policies_do_not_depend_on_the_batch(tiny_llm):
+    """At temperature > 0 a seeded request gives the same tokens alone or beside others."""
+    params = [SamplingParams(mode="diffusion", max_tokens=10, block_length=4, temperature=0.9,
+                             unmask=policy, steps=2 if i % 2 else None, seed=20 + i)
+              for i, policy in enumerate(UNMASK_POLICIES)]
+    prompts = [PROMPTS[i % 3] for i in range(len(params))]
+    batched = tiny_llm.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, batched):
+        assert tiny_llm.generate([prompt], p)[0].token_ids == out.token_ids
