@@ -156,3 +156,12 @@ def test_sampled_policies_do_not_depend_on_the_batch(tiny_llm):
     batched = tiny_llm.generate(prompts, params)
     for prompt, p, out in zip(prompts, params, batched):
         assert tiny_llm.generate([prompt], p)[0].token_ids == out.token_ids
+
+
+def test_huge_steps_is_one_slot_per_pass(tiny_llm):
+    """steps beyond the block's masks behaves as one mask per pass (and allocates nothing
+    per step: a request may send any integer >= 1)."""
+    big, one = (SamplingParams(mode="diffusion", max_tokens=9, block_length=4, steps=s, seed=1)
+                for s in (10**15, 3))
+    a, b = tiny_llm.generate([PROMPTS[0]] * 2, [big, one])
+    assert a.token_ids == b.token_ids and a.metrics.nfe == b.metrics.nfe

@@ -43,7 +43,8 @@ class DiffusionStrategy(Strategy):
         self.offset = len(seq.generated)
         self.block = [seed] + [seq.mask_token_id] * (length - 1)
         self.limit = min(length, seq.remaining)
-        self.schedule = even_schedule(length - 1, seq.params.steps or length)
+        # more steps than masks behaves as one step per mask (never a list of `steps` items)
+        self.schedule = even_schedule(length - 1, min(seq.params.steps or length, max(length - 1, 1)))
         self.passes = 0
         self._finish_block_if_done(seq)
 
