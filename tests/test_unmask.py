@@ -165,3 +165,19 @@ def test_huge_steps_is_one_slot_per_pass(tiny_llm):
                 for s in (10**15, 3))
     a, b = tiny_llm.generate([PROMPTS[0]] * 2, [big, one])
     assert a.token_ids == b.token_ids and a.metrics.nfe == b.metrics.nfe
+
+
+@pytest.mark.parametrize("policy", UNMASK_POLICIES)
+def test_thinking_budget_holds_with_every_policy(policy):
+    """The forced ``</think>`` (thinking budget) is kept whatever order slots unmask in."""
+    from test_thinking import MULTI, PERFECT, PROMPT, StubModel, ThinkLM, check_closed_within, one
+
+    from stubs import HashDenoiser
+
+    lm, prompt = ThinkLM(MULTI), PROMPT + list(MULTI.open)
+    for drafter in (PERFECT, HashDenoiser()):
+        for threshold, steps in ((0.9, None), (None, 3), (0.5, 2)):
+            seq = one(StubModel(lm, drafter), MULTI, prompt, mode="diffusion", max_tokens=40,
+                      block_length=8, threshold=threshold, steps=steps, unmask=policy, seed=2,
+                      max_thinking_tokens=5)
+            check_closed_within(MULTI, prompt, seq.generated, 5)
