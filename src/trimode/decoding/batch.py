@@ -130,7 +130,7 @@ def _force(logits: torch.Tensor, needs: list[Need]):
     if not index:
         return None
     at = torch.tensor(index, device=logits.device)
-    saved = logits[at].clone()
+    saved = logits[at]  # advanced indexing copies
     logits[at] = select.NEG_INF
     logits[at, torch.tensor([flat[i] for i in index], device=logits.device)] = 0.0
     return at, saved
