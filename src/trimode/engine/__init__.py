@@ -7,9 +7,10 @@ thread front end for servers; ``decode.py`` runs a fixed batch.
 """
 
 from .async_engine import AsyncEngine
-from .auto import AutoPolicy
+from .auto import AdaptivePolicy, AutoPolicy
+from .cost import ForwardCost
 from .config import EngineConfig
 from .engine import Engine
 from .request import RequestUpdate, to_output
 
-__all__ = ["AsyncEngine", "AutoPolicy", "Engine", "EngineConfig", "RequestUpdate", "to_output"]
+__all__ = ["AdaptivePolicy", "AsyncEngine", "AutoPolicy", "ForwardCost", "Engine", "EngineConfig", "RequestUpdate", "to_output"]
