@@ -140,15 +140,17 @@ def test_auto_equals_ar_in_a_batch_with_mixed_loads():
 
     arrivals = mixed_arrivals()
     out, modes = run(engine, arrivals, check)
-    used = Counter()
+    used, switches = Counter(), 0
     for k, (_, prompt, params) in enumerate(arrivals):
         if params.mode == "diffusion":
             continue
         want, reason = ar_greedy(lm, prompt, params.max_tokens)
         assert out[k].generated == want and out[k].finish_reason == reason, k
         if params.mode == "auto":
-            used.update(m for _, m in modes[k])
-    assert used["ar"] > 0 and used["linear_spec"] + used["quadratic_spec"] > 0, used
+            used.update(m for _, m in modes[k][1:])  # decode steps (the prefill runs as ar)
+            switches += out[k].metrics.mode_switches
+    # while fixed rows pad the forward anyway, auto rows use the width: both spec modes
+    assert used["linear_spec"] > 0 and used["quadratic_spec"] > 0 and switches >= 6, used
     assert engine.pool.live == 0
 
 
@@ -225,3 +227,49 @@ def test_auto_samples_from_ar_distribution():
         assert chisquare(counts, np.array(P[:3]) * n).pvalue > 0.001, (k, counts)
     pairs = np.bincount(tokens[:, 1] * 3 + tokens[:, 2], minlength=9)
     assert chisquare(pairs, np.outer(P[:3], P[:3]).ravel() * n).pvalue > 0.001
+
+
+def test_prometheus_step_metrics_are_counted():
+    """The server's Prometheus registry observes every engine step: a known schedule gives
+    known counts (a linear_spec request of block 4 whose
+    drafts right only before position 8)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from trimode.entrypoints.server.metrics import Metrics
+
+    engine = Engine(StubModel(HashLM(), drafter=ScheduleDrafter(lambda pos: pos < 8)),
+                    EngineConfig(max_num_seqs=4, auto=AdaptivePolicy(cost=STEEP, idle_decay=1.0)))
+    metrics = Metrics(engine)
+    engine.add_request([5, 6], SamplingParams(mode="linear_spec", block_length=4, max_tokens=13))
+    auto = engine.add_request([7, 8], SamplingParams(mode="auto", max_tokens=40))
+    while engine.has_unfinished():
+        engine.step()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.render().decode())
+               for s in f.samples}
+    get = lambda name, **labels: samples.get((name, tuple(sorted(labels.items()))), 0)  # noqa: E731
+    assert get("trimode_step_duration_seconds_count") == engine.steps
+    m = engine.output(auto).metrics
+    want = Counter()
+    for seq in (engine.output("0"), engine.output(auto)):
+        for mode, (p, a) in seq.metrics.mode_drafts.items():
+            want[mode, "p"] += p
+            want[mode, "a"] += a
+    for mode in ("linear_spec", "quadratic_spec"):
+        slots = [get("trimode_draft_slot_proposed_total", mode=mode, slot=str(i)) for i in range(1, 20)]
+        accepted = [get("trimode_draft_slot_accepted_total", mode=mode, slot=str(i))
+                    for i in range(1, 20)]
+        assert sum(slots) == want[mode, "p"] and sum(accepted) == want[mode, "a"], mode
+    # the fixed request (prompt at positions 0, 1): cycle 1 drafts positions 3..5, all right
+    # (4 tokens); from then on only slot 1 (the exact seed copy) passes: 2 tokens a cycle,
+    # and the last cycle (2 tokens left) drafts one slot
+    first = engine.output("0").metrics
+    assert first.draft_proposed == [5, 4, 4] and first.draft_accepted == [5, 1, 1]
+    switches = sum(v for (name, _), v in samples.items()
+                   if name == "trimode_auto_mode_switches_total")
+    assert switches == m.mode_switches >= 2
+    rates = {dict(k[1])["mode"]: v for k, v in samples.items()
+             if k[0] == "trimode_draft_acceptance_rate"}
+    assert rates and rates == pytest.approx(engine.acceptance.rates())
+    rows = get("trimode_step_rows_sum")
+    assert rows == sum(o.metrics.nfe for o in (engine.output("0"), engine.output(auto)))
