@@ -106,7 +106,7 @@ def test_idle_estimate_drifts_back_and_probes_again():
     model = StubModel(lm, drafter=ScheduleDrafter(lambda pos: pos < 20 or pos >= 70))
     prompt = [9, 10]
     params = SamplingParams(mode="auto", max_tokens=110)
-    out, modes = run(engine_with(model, idle_decay=0.8), [(0, prompt, params)])
+    out, modes = run(engine_with(model, idle_decay=0.8, share=False), [(0, prompt, params)])
     assert out[0].generated == ar_greedy(lm, prompt, 110)[0]
     runs = [m for i, (_, m) in enumerate(modes[0]) if i == 0 or modes[0][i - 1][1] != m]
     assert runs.count("ar") >= 2 and len(runs) >= 4, modes[0]  # spec, ar, spec again, ...

@@ -87,7 +87,10 @@ class AdaptivePolicy:
     whole batch, from its running draft acceptance (decayed counts: ``decay`` per verify,
     ``idle_decay`` per step without drafts, so an idle estimate drifts back to ``prior``
     with weight ``prior_weight``), the forward-cost curve ``cost`` and the other rows'
-    widths. A row switches only for a gain above ``hysteresis`` (a fraction). Only the
+    widths. With ``share``, the prior is the engine-wide acceptance of every request's
+    adapter drafts (decayed by ``share_decay`` per verify; ``prior`` until there is any), so
+    a new request starts from what the model does on this traffic and an idle one drifts
+    back to it. A row switches only for a gain above ``hysteresis`` (a fraction). Only the
     modes whose output is ar's take part (diffusion stays opt-in), so the output at
     temperature 0 is exactly ar's.
     """
@@ -100,6 +103,8 @@ class AdaptivePolicy:
     decay: float = 0.8
     idle_decay: float = 0.97
     hysteresis: float = 0.05
+    share: bool = True
+    share_decay: float = 0.98
 
     def __post_init__(self) -> None:
         if not self.modes or any(m not in EXACT_MODES for m in self.modes):
@@ -108,7 +113,7 @@ class AdaptivePolicy:
         if not self.block_lengths or any(isinstance(b, bool) or not isinstance(b, int) or b < 2
                                          for b in self.block_lengths):
             raise ValueError(f"block_lengths must be integers >= 2; got {self.block_lengths!r}")
-        for name in ("prior", "decay", "idle_decay"):
+        for name in ("prior", "decay", "idle_decay", "share_decay"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)!r}")
         if not self.prior_weight > 0 or not self.hysteresis >= 0:

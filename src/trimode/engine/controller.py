@@ -39,10 +39,10 @@ class AutoState:
         self.accepted = 0.0  # adapter drafts accepted (decayed)
         self.rejected = 0.0  # verifies that rejected an adapter draft (decayed)
 
-    def alpha(self, policy: AdaptivePolicy) -> float:
+    def alpha(self, policy: AdaptivePolicy, prior: float) -> float:
         """Running per-draft acceptance: the prior pulls a short history towards it."""
         weight = policy.prior_weight
-        return (self.accepted + policy.prior * weight) / (self.accepted + self.rejected + weight)
+        return (self.accepted + prior * weight) / (self.accepted + self.rejected + weight)
 
 
 class Controller:
@@ -51,6 +51,16 @@ class Controller:
     def __init__(self, policy: AdaptivePolicy):
         self.policy = policy
         self.switches: list[tuple[str, str]] = []  # (from, to) in the last plan
+        self.shared = [0.0, 0.0]  # every request's adapter drafts: accepted, rejections
+
+    @property
+    def prior(self) -> float:
+        """What a request without history is assumed to accept (AdaptivePolicy.share)."""
+        accepted, rejected = self.shared
+        if not self.policy.share or accepted + rejected == 0:
+            return self.policy.prior
+        weight = self.policy.prior_weight
+        return (accepted + self.policy.prior * weight) / (accepted + rejected + weight)
 
     def attach(self, seq: Sequence, options: list[tuple[str, int]], base) -> None:
         """Make ``seq`` (resolved to its first mode at admission) controlled."""
@@ -62,7 +72,7 @@ class Controller:
         """(expected tokens per forward, width) of ``mode`` at ``block`` for ``seq``."""
         segments = seq.params.draft_segments
         block = max(1, min(block, seq.remaining))
-        alpha = seq.auto.alpha(self.policy)
+        alpha = seq.auto.alpha(self.policy, self.prior)
         return expected_tokens(mode, block, alpha, segments), step_width(mode, block, segments)
 
     def _fixed(self, seq: Sequence) -> tuple[float, int]:
@@ -106,9 +116,10 @@ class Controller:
 
     def _choose(self, seq: Sequence, token: int, options) -> None:
         tokens, _, config = max(options, key=lambda o: (o[0], -o[1]))
-        current = (seq.params.mode, seq.block_length)
+        same = (lambda c: c[0] == "ar") if seq.params.mode == "ar" else \
+            (lambda c: c == (seq.params.mode, seq.block_length))  # ar has no block length
         for t, _, c in options:
-            if c == current and t * (1 + self.policy.hysteresis) >= tokens:
+            if same(c) and t * (1 + self.policy.hysteresis) >= tokens:
                 return
         mode, block = config
         before = seq.params.mode
@@ -127,19 +138,30 @@ class Controller:
         policy = self.policy
         for seq in seqs:
             state = seq.auto
-            if state is None:
-                continue
             if seq.last_verify is None:
-                if seq.params.mode == "ar":  # no evidence: drift back to the prior
+                if state is not None and seq.params.mode == "ar":  # drift back to the prior
                     state.accepted *= policy.idle_decay
                     state.rejected *= policy.idle_decay
                 continue
-            mode, drafts, accepted = seq.last_verify
-            if mode == "linear_spec":  # its first draft is the base model's own
-                if accepted == 0:
-                    continue
-                drafts, accepted = drafts - 1, accepted - 1
-            if drafts <= 0:
+            evidence = adapter_drafts(*seq.last_verify, seq.params.threshold)
+            if evidence is None:
                 continue
-            state.accepted = policy.decay * state.accepted + accepted
-            state.rejected = policy.decay * state.rejected + (accepted < drafts)
+            drafts, accepted = evidence
+            missed = float(accepted < drafts)
+            d = policy.share_decay
+            self.shared = [d * self.shared[0] + accepted, d * self.shared[1] + missed]
+            if state is not None:
+                state.accepted = policy.decay * state.accepted + accepted
+                state.rejected = policy.decay * state.rejected + missed
+
+
+def adapter_drafts(mode: str, drafts: int, accepted: int,
+                   threshold: float | None) -> tuple[int, int] | None:
+    """(adapter drafts verified, accepted) of one verify, or None if it says nothing about
+    them. linear_spec's one-pass first draft is the base model's own prediction (always
+    right), so it is left out."""
+    if mode == "linear_spec" and not threshold:
+        if accepted == 0:
+            return None
+        drafts, accepted = drafts - 1, accepted - 1
+    return (drafts, accepted) if drafts > 0 else None
