@@ -2,7 +2,8 @@
 
 ``engine.py`` steps requests (continuous batching); ``scheduler.py`` decides who runs;
 ``model_runner.py`` runs the packed forward; ``kv_pool.py`` owns KV rows; ``prefix.py``
-shares prompt KV; ``auto.py`` is the ``mode="auto"`` policy; ``async_engine.py`` the
+shares prompt KV; ``auto.py`` holds the ``mode="auto"`` policies, ``controller.py`` the
+per-step controller and ``cost.py`` its forward-cost curve; ``async_engine.py`` the
 thread front end for servers; ``decode.py`` runs a fixed batch.
 """
 
