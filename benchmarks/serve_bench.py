@@ -135,6 +135,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd += ["--model", args.model]
     if args.auto_cost:
         cmd += ["--auto-cost", args.auto_cost]
+    if args.max_model_len:  # the KV pool is preallocated: max_batch_size rows of this
+        cmd += ["--max-model-len", str(args.max_model_len)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -243,6 +245,8 @@ def main() -> None:
     ap.add_argument("--auto-block-length", type=int, default=None,
                     help="block_length sent with mode auto (default: none, auto picks)")
     ap.add_argument("--auto-cost", default=None, help="the started server's --auto-cost")
+    ap.add_argument("--max-model-len", type=int, default=512, help="the started server's "
+                    "(default 512: a 64-row KV pool of 4096 positions would take 13 GB)")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=None, help="per level (default max(C, 8))")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -259,7 +263,8 @@ def main() -> None:
         proc, url = start_server(args)
     model = args.model or "embedded SmolLM2-135M-Instruct"
     server = url if args.url else (f"started here (model {model}, fp32 CPU, max_batch_size "
-                                   f"{args.max_batch_size}, OMP_NUM_THREADS={args.threads})")
+                                   f"{args.max_batch_size}, max_model_len {args.max_model_len}, "
+                                   f"OMP_NUM_THREADS={args.threads})")
     rows = []
     try:
         asyncio.run(level(url, "ar", 1, 2, args))  # warm-up
