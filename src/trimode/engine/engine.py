@@ -38,6 +38,7 @@ import torch
 
 from ..decoding.registry import STRATEGIES, scratch_slots
 from ..decoding.sequence import Sequence, Step
+from ..decoding.thinking import Thinking, ThinkTags
 from ..multimodal.requests import attach_features, check_images, prefill_step
 from ..defaults import AUTO, CONTEXT_CAP
 from ..params import ParamError, SamplingParams
@@ -87,6 +88,7 @@ class Engine:
         self.forwards = 0
         self.shared_prefix_tokens = 0  # prompt tokens whose prefill prefix sharing saved
         self.denoise_adapter = False  # the draft adapter also denoises (LLM sets it)
+        self.think_tags: ThinkTags | None = None  # ids of <think> / </think> (LLM sets them)
         # benchmarks only (never set by LLM, the CLI or the server): verification accepts
         # exactly this many drafts, so random-weight runs see a realistic acceptance
         self.forced_acceptance: int | None = None
@@ -154,6 +156,9 @@ class Engine:
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt must be a non-empty list of token ids")
         check_images(self.model, list(prompt_ids), images)
+        if params.max_thinking_tokens is not None and self.think_tags is None:
+            raise ParamError("max_thinking_tokens needs a tokenizer that spells <think> and "
+                             "</think> (this checkpoint's does not)", "max_thinking_tokens")
         if params.mode == AUTO and self.controller is not None:
             self._check_fits(prompt_ids, replace(params, mode="ar"))
             return  # options that do not fit are left out (auto_options)
@@ -300,7 +305,7 @@ class Engine:
         view = self.pool.view(start, start + len(seqs))
         assert [s.row for s in seqs] == list(range(start, start + len(seqs)))
         try:
-            needs = [s.need([len(step.tokens) - 1]) if prefill else s.strategy.need(s, step)
+            needs = [s.need_next(len(step.tokens) - 1) if prefill else s.strategy.need(s, step)
                      for s, step in zip(seqs, steps)]
             results = model_runner.forward_select(self.model, view, steps, needs,
                                                   None if prefill else self.graphs)
@@ -389,6 +394,8 @@ class Engine:
         stop = set(mc.eos_token_ids) | set(params.stop_token_ids)
         seq = Sequence(prompt_ids, params, stop, mc.mask_token_id, block, self.denoise_adapter)
         seq.forced_acceptance = self.forced_acceptance
+        if params.max_thinking_tokens is not None:
+            seq.thinking = Thinking(self.think_tags, params.max_thinking_tokens, prompt_ids)
         if like is not None:  # auto resolved at admission: keep identity, seed and arrival
             seq.request_id, seq.arrival, seq.on_step = like.request_id, like.arrival, like.on_step
             seq.seed = like.seed
