@@ -166,6 +166,12 @@ def test_budget_without_tags_is_a_400(tiny):
         with pytest.raises(ValueError, match="reasoning parser"):
             build_app(engine, tiny_llm.tokenizer, tiny_llm.config.vocab_size,
                       ServerConfig(model_name="tiny", reasoning_parser="think"))
+        from trimode.entrypoints.cli.common import UsageError
+        from trimode.entrypoints.server.cli import serve_args, server_config
+
+        for flag, value in (("reasoning_parser", "think"), ("max_thinking_tokens", 5)):
+            with pytest.raises(UsageError, match=f"--{flag.replace('_', '-')}"):
+                server_config(serve_args({flag: value}), tiny_llm, tiny[0])
     finally:
         engine.shutdown()
 
@@ -217,3 +223,27 @@ def test_multi_token_tags_split_across_deltas(bpe_server, k):
     stopped = client.post("/v1/chat/completions", json={**body, "stop": ["answer", "plan"]})
     assert stopped.json()["choices"][0]["message"]["content"] == "\n\nThe "
     assert stopped.json()["choices"][0]["message"]["reasoning_content"] == "plan 日本 </ think> x"
+
+
+def test_cli_flags(think_dir, capsys):
+    from trimode.entrypoints.cli.main import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args))
+        out, err = capsys.readouterr()
+        return exit_info.value.code, out, err
+
+    gen = ["generate", "--model", str(think_dir), "--json", "--max-tokens", "8"]
+    code, out, _ = run(*gen, "--max-thinking-tokens", "2", "w5 w6 w7")
+    assert code == 0 and json.loads(out)["token_ids"][2] == END_THINK
+    code, out, _ = run(*gen, "--chat-template-kwargs", '{"enable_thinking": false}', "w5 w6 w7")
+    free = run(*gen, "w5 w6 w7")[1]
+    assert code == 0 and json.loads(out)["token_ids"] != json.loads(free)["token_ids"]
+    for flags, name in ((["--max-thinking-tokens", "-1"], "--max-thinking-tokens"),
+                        (["--chat-template-kwargs", "[1]"], "--chat-template-kwargs"),
+                        (["--chat-template-kwargs", "{}", "--raw"], "--chat-template-kwargs")):
+        code, out, err = run(*gen, *flags, "w5")
+        assert code == 2 and out == "" and name in err, err
+    code, _, err = run("serve", "--max-thinking-tokens", "-3")
+    assert code == 2 and "--max-thinking-tokens" in err

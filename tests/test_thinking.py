@@ -191,3 +191,38 @@ def test_split_drops_the_tags_and_holds_back_a_partial_tag():
     assert split(MULTI, [], ids[:5], final=False)[0] == [20, 21]  # 12, 13 held back
     assert split(MULTI, [], [20, 12], final=True) == ([], [20, 12], False)
     assert split(MULTI, [10, 11], [20, 12, 13], final=True) == ([20, 12, 13], [], True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_forcing_adds_no_host_sync(mode):
+    """With the budget spent in every row, a step is still one transfer to the host."""
+    import torch
+
+    from trimode.bench.sync_counter import SyncCounter
+    from trimode.engine import Engine, EngineConfig
+    from trimode.model.config import ModelConfig
+    from trimode.model.model import TriModeModel
+
+    config = ModelConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, max_position_embeddings=1024, mask_token_id=100,
+                         bos_token_id=1, eos_token_ids=(), block_size=8)
+    torch.manual_seed(0)
+    engine = Engine(TriModeModel(config).eval(),
+                    EngineConfig(max_num_seqs=8, max_model_len=256, min_shared_prefix=0))
+    engine.think_tags = ThinkTags(open=(300,), close=(301, 302))
+    gen = torch.Generator().manual_seed(0)
+    for prompt in torch.randint(200, 290, (8, 6), generator=gen).tolist():
+        engine.add_request(prompt + [300], SamplingParams(mode=mode, max_tokens=40, block_length=4,
+                                                          max_thinking_tokens=2))
+    engine.step()
+    counts = []
+    for _ in range(3):
+        with SyncCounter() as counter:
+            engine.step()
+        counts.append(counter.syncs)
+    assert counts == [1, 1, 1]
+    while engine.has_unfinished():
+        engine.step()
+    for seq in engine.requests.values():
+        check_closed_within(engine.think_tags, seq.prompt_ids, seq.generated, 2)

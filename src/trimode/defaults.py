@@ -21,3 +21,7 @@ DRAFT_SEGMENTS = 1  # quadratic_spec: the fastest on CPU in benchmarks/RESULTS.m
 THRESHOLD = {"ar": None, "diffusion": 0.9, "linear_spec": 0.0, "quadratic_spec": 0.0}
 CONTEXT_CAP = 4096  # max_model_len when not given: the checkpoint's limit, capped here
 MAX_LOGPROBS = 20
+# diffusion's unmasking policies (decoding/unmask.py): which masked slots a denoising pass
+# fills first. confidence is the reference's (docs/spec.md 3.3).
+UNMASK_POLICIES = ("confidence", "margin", "entropy", "random", "leftmost")
+UNMASK = "confidence"

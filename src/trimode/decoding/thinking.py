@@ -14,7 +14,7 @@ and the batched selection (``batch.select_rows``) makes them the only candidates
 linear_spec and quadratic_spec stay equal at temperature 0. ``split`` divides generated ids
 into reasoning and answer (tags dropped); with ``final=False`` it holds back a trailing
 partial tag, so the parts of a prefix are prefixes of the parts of the whole (streams equal
-one-shot responses). Knows nothing about tensors or text.
+one-shot responses). Knows nothing about tensors, and about text only in ``ThinkTags.of``.
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ class Thinking:
         follows the committed text plus ``ahead[:i]`` (drafts, or a block with masks: a
         masked slot is assumed to take its forced id if it has one, else a thinking token)."""
         s, out = self.state, []
+        if s.forcing < 0 and (self.budget is None or s.spent + n - 1 < self.budget):
+            return [UNKNOWN] * n  # spent grows by at most one a position: nothing due yet
         for i in range(n):
             f = self._forced_id(s)
             out.append(f)
