@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .auto import AutoPolicy
+from .auto import AdaptivePolicy, AutoPolicy
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class EngineConfig:
     min_shared_prefix: a new request whose prompt shares at least this many leading tokens
         with a running request's prompt copies their KV instead of recomputing it (prefix
         sharing); 0 turns it off.
-    auto: the policy for ``mode="auto"``.
+    auto: the policy for ``mode="auto"``: ``AdaptivePolicy`` (per step, the default) or
+        ``AutoPolicy`` (once, at admission, from the load).
     cuda_graphs: on CUDA, replay captured graphs of the decode forward (``cuda_graphs.py``);
         False runs every forward eagerly. No effect on CPU.
     """
@@ -38,7 +39,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     scratch_tokens: int = 256
     min_shared_prefix: int = 16
-    auto: AutoPolicy = field(default_factory=AutoPolicy)
+    auto: AdaptivePolicy | AutoPolicy = field(default_factory=AdaptivePolicy)
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
@@ -51,8 +52,8 @@ class EngineConfig:
         check_int("min_shared_prefix", self.min_shared_prefix, 0)
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False; got {self.cuda_graphs!r}")
-        if not isinstance(self.auto, AutoPolicy):
-            raise ValueError(f"auto must be an AutoPolicy; got {self.auto!r}")
+        if not isinstance(self.auto, (AdaptivePolicy, AutoPolicy)):
+            raise ValueError(f"auto must be an AdaptivePolicy or an AutoPolicy; got {self.auto!r}")
 
 
 def check_int(name: str, value: object, low: int) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from ..decoding.sequence import Sequence
 from ..decoding.thinking import ThinkTags, split
-from ..engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
+from ..engine import AdaptivePolicy, AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
 from ..checkpoint.loader import load_model
 from ..multimodal.image import ImageLimits
 from ..multimodal.prompt import chat_prompt, check_tokenizer
@@ -46,7 +46,8 @@ class LLM:
         scratch); None: the checkpoint's context limit capped at 4096.
     kv_cache_memory: bytes for the KV pool (caps max_batch_size); None: max_batch_size rows.
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
-    auto: the ``mode="auto"`` policy (``engine.AutoPolicy``).
+    auto: the ``mode="auto"`` policy: ``AdaptivePolicy`` (per-step controller, the default)
+        or ``AutoPolicy`` (at admission, from the load).
     quantization: None/"none", "int8", "int4" or "auto": weight-only int8/int4 linear layers on
         PyTorch's CPU kernels (``trimode.quant``); GGUF Q4_0/Q4_1/Q4_K blocks load exactly as
         int4 (the embedded model's own Q4_1 file included); "auto" follows the GGUF's type.
@@ -66,7 +67,7 @@ class LLM:
                  draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 auto: AutoPolicy | None = None, cuda_graphs: bool = True,
+                 auto: AdaptivePolicy | AutoPolicy | None = None, cuda_graphs: bool = True,
                  quantization: str | None = None, tensor_parallel_size: int = 1,
                  distributed=None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -78,7 +79,7 @@ class LLM:
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
                                      kv_cache_memory=kv_cache_memory,
                                      max_num_batched_tokens=max_num_batched_tokens,
-                                     auto=auto or AutoPolicy(), cuda_graphs=cuda_graphs)
+                                     auto=auto or AdaptivePolicy(), cuda_graphs=cuda_graphs)
         from ..quant import check_scheme
 
         quantization = check_scheme(quantization)
