@@ -92,7 +92,7 @@ class PagedKVCache(KVCache):
         rows = table.shape[0]
 
         def gather(buf: torch.Tensor) -> torch.Tensor:
-            out = buf[table.reshape(-1)]  # [B * n, page, heads, dim]
+            out = buf.index_select(0, table.reshape(-1))  # [B * n, page, heads, dim]
             return out.view(rows, n * self.page_size, *buf.shape[2:])[:, :span].transpose(1, 2)
 
         return gather(self.keys[layer]), gather(self.values[layer])
