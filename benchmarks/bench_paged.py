@@ -205,6 +205,11 @@ def section(args, results: dict) -> str:
             ("wall time for all requests (s)", lambda c: f"{c['wall_s']:.1f}"),
             ("process CPU time (s)", lambda c: f"{c['cpu_s']:.1f}")]
     lines += [f"| {name} | " + " | ".join(fmt(cap[s]) for s in sides) + " |" for name, fmt in rows]
+    lines += ["", "Before, the pool held whole rows of max_model_len + scratch, so the memory "
+              "capped concurrency whatever the prompts; after, the same memory holds the pages "
+              "the requests use, then the pages finished requests leave in the prefix cache "
+              "(kept until evicted), so touched KV memory grows towards kv_cache_memory. "
+              "Peak RSS includes the activations of the larger prefill batches."]
     dec = {s: results[s]["decode"] for s in sides}
     lines += ["", "**Decode step** (8 greedy ar requests, 300-token prompts, median step of 24 "
               "after the prefill; after: attention gathers each row's pages per layer):", "",

@@ -11,7 +11,8 @@ captures ``model(...)`` lazily the first time a bucket is seen:
 - key span: padded up to a power of two (at least 256, at most the cache capacity), so the
   attention reads only what the longest row needs, rounded.
 
-Inputs are copied into the graph's static buffers before each replay; the forward runs
+Inputs (and a paged cache's page table) are copied into the graph's static buffers before
+each replay; the forward runs
 dense (no ragged-row packing) so every shape is static. Anything outside a bucket (prefill,
 wider steps, CPU) runs eagerly. Only used when ``model.device.type == "cuda"`` and
 ``EngineConfig.cuda_graphs`` is on. NOT YET RUN ON A GPU: written and reviewed on a CPU-only
