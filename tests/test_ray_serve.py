@@ -1,8 +1,8 @@
 """Ray Serve replicas (``trimode.entrypoints.ray``): 2 replicas of the tiny model on a local
 Ray (loopback only): the ``openai`` client streams from it, 16 concurrent requests each
 equal their single-engine output, and killing one replica's process leaves the endpoint
-serving. Slow (Ray's start-up and two model loads: about a minute on 2 shared cores) and
-skipped without ``trimode[ray]``.
+serving. In the default suite (Ray's start-up and two model loads: about 30 s on 2 cores);
+``trimode[ray]`` is part of the ``test`` extra.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ import signal
 import time
 
 import pytest
+import ray
+from ray import serve
 
 from serve_utils import free_port
 from trimode import SamplingParams
-
-ray = pytest.importorskip("ray")
-serve = pytest.importorskip("ray.serve")
-pytestmark = pytest.mark.slow
 
 MODES = ("ar", "diffusion", "linear_spec", "quadratic_spec")
 KNOBS = {"ar": {}, "diffusion": {"block_length": 4, "threshold": 0.5},

@@ -219,3 +219,19 @@ def test_serve_scale_flags_fail_before_loading(flags, message):
 
     with pytest.raises(UsageError, match=re.escape(message)):
         check_flags(serve_args(flags))
+
+
+def test_each_rank_shards_in_host_memory_then_moves_its_shard(tiny, monkeypatch):
+    """A model larger than one GPU must fit N GPUs: the full weights stay in host memory, only a
+    rank's shard reaches its device (here the meta device stands in for a GPU)."""
+    import trimode.distributed.launch as launch
+    from trimode.distributed import ModelSpec
+
+    assert launch.rank_device(ModelSpec("m", None, "cuda:1", None), 2) == torch.device("cuda", 3)
+    assert launch.rank_device(ModelSpec("m", None, "cpu", None), 1) == torch.device("cpu")
+    seen = []
+    monkeypatch.setattr(launch, "shard_model", lambda model, shard: seen.append(model.device) or model)
+    model = launch.load_spec(ModelSpec(str(tiny[0]), "float32", "meta", None))
+    assert model.device == torch.device("cpu")  # loaded in host memory whatever the target
+    moved = launch._shard_on_device(model, None, ModelSpec("m", None, "meta", None), 0)
+    assert seen == [torch.device("cpu")] and moved.device == torch.device("meta")

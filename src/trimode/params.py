@@ -76,6 +76,9 @@ class SamplingParams:
         this many most likely alternatives) under the model's raw distribution (fp32
         log-softmax of the logits, no temperature) *at the forward that chose it*: the AR
         step, the denoising pass that unmasked it, or the verify pass that accepted it.
+    max_thinking_tokens: None (off) or an integer >= 0: at most this many tokens are
+        generated inside ``<think>``; then ``</think>`` is forced, in every mode
+        (``decoding/thinking.py``). Needs a tokenizer that spells the tags.
     """
 
     mode: str = "ar"
@@ -90,6 +93,7 @@ class SamplingParams:
     draft_segments: int | None = DRAFT_SEGMENTS
     trace: bool = False
     logprobs: int | None = None
+    max_thinking_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -115,6 +119,8 @@ class SamplingParams:
             if self.logprobs > MAX_LOGPROBS:
                 raise FieldError("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]; "
                                  f"got {self.logprobs}")
+        if self.max_thinking_tokens is not None:
+            _check_int("max_thinking_tokens", self.max_thinking_tokens, low=0)
         if self.draft_segments is not None:
             _check_int("draft_segments", self.draft_segments, low=1)
         if self.mode == "quadratic_spec" and self.threshold not in (None, 0):

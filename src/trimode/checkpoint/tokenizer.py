@@ -60,13 +60,25 @@ class Tokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+    def apply_chat_template(self, messages: list[dict],
+                            template_kwargs: dict | None = None) -> list[int]:
         """Render with the checkpoint's template (generation prompt added) and tokenize,
-        with exactly one leading BOS when the template or tokenizer uses one."""
+        with exactly one leading BOS when the template or tokenizer uses one.
+        ``template_kwargs``: extra variables for the template (``chat_template_kwargs``,
+        e.g. ``{"enable_thinking": False}``); ValueError naming that field when they are not
+        a dict of names or the template fails with them."""
         if not self.has_chat_template:
             raise ValueError("this checkpoint has no chat template; pass a raw prompt instead")
         _check_messages(messages)
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = check_template_kwargs(template_kwargs)
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=True, **extra)
+        except Exception as exc:  # jinja errors, raise_exception in the template
+            if not extra:
+                raise
+            raise ValueError(f"chat_template_kwargs: the chat template failed with them "
+                             f"({type(exc).__name__}: {exc})") from None
         ids = self.encode(text, field="messages (after the chat template)")
         bos = self.bos_token_id
         while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
@@ -146,6 +158,26 @@ def _check_messages(messages: list[dict]) -> None:
                              f"{type(m['content']).__name__}")
         check_text(m["content"], f"messages[{i}].content")
         check_text(m["role"], f"messages[{i}].role")
+
+
+RESERVED_TEMPLATE_KWARGS = ("messages", "conversation", "tokenize", "add_generation_prompt",
+                            "chat_template", "return_dict", "tools", "documents")
+
+
+def check_template_kwargs(kwargs) -> dict:
+    """``chat_template_kwargs`` as a dict of template variables (None: {}); ValueError
+    naming the field for anything else, or a name the renderer itself sets."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier()
+                                               for k in kwargs):
+        raise ValueError(f"chat_template_kwargs must be an object of template variables "
+                         f"(e.g. {{\"enable_thinking\": false}}); got {kwargs!r:.80}")
+    reserved = sorted(set(kwargs) & set(RESERVED_TEMPLATE_KWARGS))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs must not set {', '.join(reserved)} (trimode "
+                         "sets it)")
+    return dict(kwargs)
 
 
 def check_text(text: str, field: str) -> str:

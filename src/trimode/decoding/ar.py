@@ -21,7 +21,7 @@ class ARStrategy(Strategy):
         return Step([self.pending_token], "ar")
 
     def need(self, seq: Sequence, step: Step) -> Need:
-        return seq.need([len(step.tokens) - 1])
+        return seq.need_next(len(step.tokens) - 1)
 
     def apply(self, seq: Sequence, result: Result) -> None:
         self._emit(seq, result, "ar")

@@ -36,6 +36,8 @@ class Need:
         ``drafts`` (``verify - 1`` tokens); with ``q`` (draft float64 log-probs on the
         device, ``[verify - 1, V]``) by speculative sampling, else on the host by matching.
     keep: indices into ``slots`` whose target log-probs stay on the device (``Result.q``).
+    forced: per slot, the only token it may take (-1: free), e.g. ``</think>`` once the
+        thinking budget is spent (``thinking.py``); None: nothing forced.
     """
 
     params: SamplingParams
@@ -50,6 +52,7 @@ class Need:
     drafts: list[int] = field(default_factory=list)
     q: torch.Tensor | None = None
     keep: list[int] = field(default_factory=list)
+    forced: list[int] | None = None
 
 
 @dataclass
@@ -80,13 +83,14 @@ def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | No
     sizes = [len(n.slots) for n in needs]
     starts = [sum(sizes[:i]) for i in range(len(needs))]
     sampling = None
+    bad = _bad_rows(logits, sizes)
+    saved = _force(logits, needs)
     tokens = _greedy(logits, mask_token_id)
     if any(n.params.temperature > 0 for n in needs):
         sampling = select.RowSampling.of(
             [(n.params, n.seed, (n.draw << SITE_BITS) | slot, rng.PICK)
              for n in needs for slot in n.slots], device)
         tokens = select.pick(logits, sampling, mask_token_id, greedy=tokens)
-    bad = _bad_rows(logits, sizes)
     shown = _chosen(logits, tokens, needs, starts)  # unchosen slots of choosing rows: -1
     packed = [shown, bad]
     spec_at = _speculative(logits, needs, starts, sampling, mask_token_id, packed)
@@ -106,8 +110,27 @@ def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | No
         offset += 2
     for r, q in kept.items():
         results[r].q = q
+    if saved is not None:  # logprobs report the model's own distribution
+        logits[saved[0]] = saved[1]
     _logprobs(logits, needs, starts, results)
     return results
+
+
+def _force(logits: torch.Tensor, needs: list[Need]):
+    """Make each forced slot's token its only candidate (logit 0, every other -inf), so
+    greedy picks, sampling, confidences and speculative verification all see the forced
+    token with probability 1. Returns (slot index, saved logits) to restore, or None."""
+    if all(n.forced is None for n in needs):
+        return None
+    flat = [f for n in needs for f in (n.forced or [-1] * len(n.slots))]
+    index = [i for i, f in enumerate(flat) if f >= 0]
+    if not index:
+        return None
+    at = torch.tensor(index, device=logits.device)
+    saved = logits[at]  # advanced indexing copies
+    logits[at] = select.NEG_INF
+    logits[at, torch.tensor([flat[i] for i in index], device=logits.device)] = 0.0
+    return at, saved
 
 
 def _greedy(logits: torch.Tensor, mask_token_id: int | None) -> torch.Tensor:

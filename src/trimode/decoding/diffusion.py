@@ -47,6 +47,10 @@ class DiffusionStrategy(Strategy):
     def _finish_block_if_done(self, seq: Sequence) -> None:
         mask_id = seq.mask_token_id
         first_mask = next((i for i, t in enumerate(self.block) if t == mask_id), len(self.block))
+        if seq.thinking is not None and seq.thinking.budget is not None:
+            # no thinking past the budget, even where a slot was unmasked before the
+            # budget's position was known (an open tag unmasked after it)
+            self.block[:first_mask] = seq.thinking.enforce(self.block[:first_mask])
         stop = next((i for i in range(first_mask) if self.block[i] in seq.stop_ids), None)
         if stop is not None and stop < self.limit:
             end = stop + 1
@@ -66,10 +70,12 @@ class DiffusionStrategy(Strategy):
 
     def need(self, seq: Sequence, step: Step) -> Need:
         if self.phase == "commit":
-            return seq.need([len(self.block) - 1])
+            return seq.need_next(len(self.block) - 1)
         masked = [i for i, t in enumerate(self.block) if t == seq.mask_token_id]
         quota = self.schedule[min(self.passes, len(self.schedule) - 1)]
-        return seq.need(masked, choose=True, threshold=seq.params.threshold, quota=quota)
+        forced = seq.forced_ids(self.block, len(self.block))
+        return seq.need(masked, choose=True, threshold=seq.params.threshold, quota=quota,
+                        forced=forced and [forced[i] for i in masked])
 
     def apply(self, seq: Sequence, result: Result) -> None:
         if self.phase == "commit":

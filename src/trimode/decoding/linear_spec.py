@@ -75,10 +75,13 @@ class LinearSpecStrategy(Strategy):
         # with the causal seed copy (the last query), slot 1's logits come from it
         slots = [len(self.block) if i == 1 and len(step.tokens) > len(self.block) else i
                  for i in masked]
+        forced = seq.forced_ids(self.block[1:], len(self.block) - 1)  # block slot i: forced[i - 1]
+        forced = forced and [forced[i - 1] for i in masked]
         if seq.params.threshold != 0:
-            return seq.need(slots, choose=True, draft=True, threshold=seq.params.threshold)
+            return seq.need(slots, choose=True, draft=True, threshold=seq.params.threshold,
+                            forced=forced)
         keep = list(range(len(slots))) if seq.params.temperature > 0 else []
-        return seq.need(slots, keep=keep)
+        return seq.need(slots, keep=keep, forced=forced)
 
     def apply(self, seq: Sequence, result: Result) -> None:
         if self.phase == "draft":

@@ -17,6 +17,7 @@ import torch
 from ..outputs import ForwardTrace, RequestMetrics, TokenLogprob
 from ..params import SamplingParams
 from .batch import Need, Result
+from .thinking import Thinking
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Sequence:
     image_features: torch.Tensor | None = None
     image_pad_id: int | None = None
     share_keys: list | None = None
+    # the thinking budget (thinking.py), when the request has max_thinking_tokens
+    thinking: Thinking | None = None
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
                  mask_token_id: int | None, block_length: int, denoise_adapter: bool = False):
@@ -114,6 +117,8 @@ class Sequence:
                                        f"position {len(self.generated)}")
                 self.logprobs.append(noted)
             self.generated.append(tok)
+            if self.thinking is not None:
+                self.thinking.commit(tok)
             if len(self.generated) >= self.params.max_tokens:
                 self.finish_reason = "length"
         return used
@@ -124,6 +129,19 @@ class Sequence:
         need = Need(self.params, self.seed, self.draws, slots, **kw)
         self.draws += 1
         return need
+
+    def need_next(self, slot: int) -> Need:
+        """``need`` of one slot choosing the token right after the committed text (an AR
+        step, the prefill, diffusion's commit pass)."""
+        return self.need([slot], forced=self.forced_ids([], 1))
+
+    def forced_ids(self, ahead: list[int], n: int) -> list[int] | None:
+        """The ids the next ``n`` positions must take under the thinking budget (-1: free;
+        ``Thinking.forced``), or None when nothing is forced."""
+        if self.thinking is None or self.thinking.budget is None:
+            return None
+        forced = self.thinking.forced(ahead, n, self.mask_token_id)
+        return forced if any(f >= 0 for f in forced) else None
 
     def take(self, result: Result) -> int:
         """The single token a one-slot selection chose (AR step, prefill, commit pass)."""

@@ -60,7 +60,7 @@ class Strategy(ABC):
 
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
         """``begin`` from the prefill's last logits ``[1, V]``."""
-        self.begin(seq, select_rows(logits[-1:], [seq.need([0])], seq.mask_token_id)[0])
+        self.begin(seq, select_rows(logits[-1:], [seq.need_next(0)], seq.mask_token_id)[0])
 
     def update(self, seq: Sequence, logits: torch.Tensor) -> None:
         """``apply`` from the logits ``[len(step.tokens), V]`` of the Step ``next_step`` names."""

@@ -22,8 +22,10 @@ def verify_need(seq: Sequence, block: list[int], slots: list[int],
     slots, which check ``block[1:]``; ``draft_log_probs`` (``[len(block) - 1, V]`` on the
     device) turn on speculative sampling at temperature > 0."""
     sampled = seq.params.temperature > 0 and len(block) > 1
+    forced = seq.forced_ids(block[1:], len(block))  # what the verify commits under the budget
+    forced = forced and forced + [-1] * (len(slots) - len(block))
     return seq.need(slots, verify=len(block), drafts=block[1:],
-                    q=draft_log_probs if sampled else None, **kw)
+                    q=draft_log_probs if sampled else None, forced=forced, **kw)
 
 
 def accept(seq: Sequence, block: list[int], result: Result) -> list[int]:

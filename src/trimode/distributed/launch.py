@@ -157,12 +157,20 @@ def _join(method: str, rank: int, size: int, device: str, local: int) -> Shard:
     return Shard(rank, size, compute), control
 
 
+def rank_device(spec: ModelSpec, local_rank: int) -> torch.device:
+    """This rank's device: GPU ``index + local_rank`` on CUDA, the CPU otherwise."""
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        return torch.device("cuda", (device.index or 0) + local_rank)
+    return device
+
+
 def _shard_on_device(model, shard: Shard, spec: ModelSpec, local_rank: int):
-    if torch.device(spec.device).type == "cuda":
-        device = torch.device("cuda", (torch.device(spec.device).index or 0) + local_rank)
-        if model.device != device:
-            model = model.to(device)
-    return shard_model(model, shard)
+    """Shard the host-memory model first, then move only this rank's shard to its device, so
+    a model larger than one GPU fits N GPUs."""
+    model = shard_model(model, shard)
+    device = rank_device(spec, local_rank)
+    return model if model.device == device else model.to(device)
 
 
 def _handshake(error: str | None) -> None:
@@ -180,7 +188,7 @@ def run_worker(spec: ModelSpec, size: int, local: int, rank: int, method: str,
     logging.basicConfig(level=logging.INFO, format=f"trimode rank {rank}: %(message)s")
     shard, control = _join(method, rank, size, spec.device, local)
     try:
-        model = _shard_on_device(load_spec(spec, local_rank), shard, spec, local_rank)
+        model = _shard_on_device(load_spec(spec), shard, spec, local_rank)
         error = None
     except Exception as exc:  # noqa: BLE001 - reported to rank 0 by the handshake
         model, error = None, f"{type(exc).__name__}: {exc}"
@@ -188,16 +196,14 @@ def run_worker(spec: ModelSpec, size: int, local: int, rank: int, method: str,
     _serve_and_exit(model, shard, control, [])
 
 
-def load_spec(spec: ModelSpec, local_rank: int):
-    """Load the full model (and adapter) on this rank's device, as rank 0 did."""
+def load_spec(spec: ModelSpec):
+    """Load the full model (and adapter) in host memory, as rank 0 did; sharding and the move
+    to this rank's device follow (``_shard_on_device``)."""
     from ..checkpoint.adapter import load_draft_adapter
     from ..checkpoint.loader import load_model
 
     dtype = getattr(torch, spec.dtype) if spec.dtype else None
-    device = spec.device
-    if torch.device(device).type == "cuda":
-        device = f"cuda:{(torch.device(device).index or 0) + local_rank}"
-    model, _ = load_model(spec.model, dtype=dtype, device=device)
+    model, _ = load_model(spec.model, dtype=dtype, device="cpu")
     if spec.draft_adapter:
         load_draft_adapter(model, spec.draft_adapter)
     return model

@@ -41,7 +41,7 @@ import torch
 
 from ..decoding.registry import STRATEGIES, scratch_slots
 from ..decoding.sequence import Sequence, Step
-from ..model.paged_cache import PagedKVCache
+from ..decoding.thinking import Thinking, ThinkTags
 from ..multimodal.requests import attach_features, check_images, prefill_step
 from ..defaults import AUTO, CONTEXT_CAP
 from ..params import ParamError, SamplingParams
@@ -90,6 +90,7 @@ class Engine:
         self.forwards = 0
         self.recomputed_tokens = 0  # KV positions preempted requests computed again
         self.denoise_adapter = False  # the draft adapter also denoises (LLM sets it)
+        self.think_tags: ThinkTags | None = None  # ids of <think> / </think> (LLM sets them)
         # benchmarks only (never set by LLM, the CLI or the server): verification accepts
         # exactly this many drafts, so random-weight runs see a realistic acceptance
         self.forced_acceptance: int | None = None
@@ -152,6 +153,9 @@ class Engine:
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt must be a non-empty list of token ids")
         check_images(self.model, list(prompt_ids), images)
+        if params.max_thinking_tokens is not None and self.think_tags is None:
+            raise ParamError("max_thinking_tokens needs a tokenizer that spells <think> and "
+                             "</think> (this checkpoint's does not)", "max_thinking_tokens")
         modes = self.config.auto.candidates if params.mode == AUTO else (params.mode,)
         for mode in modes:
             self._check_fits(prompt_ids, replace(params, mode=mode))
@@ -292,7 +296,7 @@ class Engine:
                 raise RuntimeError(f"internal error: request {s.request_id} has no KV page "
                                    f"for its {step.kind} step")
         try:
-            needs = [s.need([len(step.tokens) - 1]) if prefill else s.strategy.need(s, step)
+            needs = [s.need_next(len(step.tokens) - 1) if prefill else s.strategy.need(s, step)
                      for s, step in zip(seqs, steps)]
             results = model_runner.forward_select(self.model, view, steps, needs,
                                                   None if prefill else self.graphs)
@@ -390,6 +394,8 @@ class Engine:
         stop = set(mc.eos_token_ids) | set(params.stop_token_ids)
         seq = Sequence(prompt_ids, params, stop, mc.mask_token_id, block, self.denoise_adapter)
         seq.forced_acceptance = self.forced_acceptance
+        if params.max_thinking_tokens is not None:
+            seq.thinking = Thinking(self.think_tags, params.max_thinking_tokens, prompt_ids)
         if like is not None:  # auto resolved at admission: keep identity, seed and arrival
             seq.request_id, seq.arrival, seq.on_step = like.request_id, like.arrival, like.on_step
             seq.seed = like.seed

@@ -18,6 +18,7 @@ from typing import Sequence as Seq
 import torch
 
 from ..decoding.sequence import Sequence
+from ..decoding.thinking import ThinkTags, split
 from ..engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
 from ..checkpoint.loader import load_model
 from ..multimodal.image import ImageLimits
@@ -107,7 +108,11 @@ class LLM:
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
         device = _check_device(device)
-        self.model, ckpt = load_model(model, dtype=dtype, device=device)
+        tensor_parallel = tensor_parallel_size != 1 or distributed is not None
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if tensor_parallel:  # whole model in host memory; each rank's GPU gets its shard only
+            dtype = dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
+        self.model, ckpt = load_model(model, dtype=dtype, device="cpu" if tensor_parallel else device)
         if quantization != "none":
             from ..quant import quantize_model
 
@@ -124,17 +129,19 @@ class LLM:
             from ..checkpoint.adapter import load_draft_adapter
 
             self.draft_adapter = load_draft_adapter(self.model, draft_adapter)
-        if tensor_parallel_size != 1 or distributed is not None:
+        if tensor_parallel:
             if quantization != "none":
                 raise ValueError("quantization is not supported with tensor_parallel_size > 1 yet")
             self.model = _tensor_parallel(self.model, model, draft_adapter, tensor_parallel_size,
-                                          distributed)
+                                          distributed, target)
             # graphs would capture the step-plan broadcast: the decode forward runs eagerly
             engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
         self.max_batch_size = max_batch_size
         self.engine = Engine(self.model, engine_config)
         # a tri-mode adapter (trimode train) is also on for diffusion denoising passes
         self.engine.denoise_adapter = bool(self.draft_adapter is not None and self.draft_adapter.denoise)
+        # <think> / </think> as the tokenizer spells them: max_thinking_tokens, reasoning()
+        self.think_tags = self.engine.think_tags = ThinkTags.of(self.tokenizer)
         self._async = None
 
     @property
@@ -172,19 +179,32 @@ class LLM:
 
     def chat(self, conversations: list[dict] | Seq[list[dict]],
              params: SamplingParams | Seq[SamplingParams] | None = None,
-             on_step: Callable[[int, Sequence], None] | None = None) -> list[RequestOutput]:
+             on_step: Callable[[int, Sequence], None] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """Apply the checkpoint's chat template to each conversation and decode.
 
         A message's content is a string or a list of OpenAI-style parts: ``{"type": "text",
         "text": ...}``, ``{"type": "image_url", "image_url": {"url": ...}}`` (a ``data:`` URL
         or a local path) or ``{"type": "image", "image": PIL.Image}`` (NLD-VLM checkpoints;
-        see ``trimode.multimodal.prompt``). Raises ValueError (ImageError for a bad image)."""
+        see ``trimode.multimodal.prompt``). ``chat_template_kwargs``: extra template
+        variables, e.g. ``{"enable_thinking": False}`` (NLD's template then renders
+        ``<think></think>``). Raises ValueError (ImageError for a bad image)."""
         batch = [conversations] if conversations and isinstance(conversations[0], dict) \
             else list(conversations)
-        built = [chat_prompt(self.tokenizer, self.config.vision, list(c), self.image_limits)
-                 for c in batch]
+        built = [chat_prompt(self.tokenizer, self.config.vision, list(c), self.image_limits,
+                             chat_template_kwargs) for c in batch]
         return self._run([b[0] for b in built], [None] * len(built), params, on_step,
                          [b[1] or None for b in built])
+
+    def reasoning(self, output: RequestOutput) -> Reasoning:
+        """``output`` split at its ``<think> ... </think>`` tags (the prompt's open tag
+        counts): the thinking, the answer, and how many tokens the thinking took. Without
+        tags in the tokenizer, everything is the answer."""
+        if self.think_tags is None:
+            return Reasoning(None, output.text, 0)
+        thought, answer, found = split(self.think_tags, output.prompt_token_ids, output.token_ids)
+        return Reasoning(self.tokenizer.decode(thought) if found else None,
+                         self.tokenizer.decode(answer), len(thought))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         prompt = _as_id_list(prompt)
@@ -210,12 +230,12 @@ class LLM:
         return self._stream(self._prompt_ids(prompt), text, params, on_step)
 
     def stream_chat(self, messages: list[dict], params: SamplingParams | None = None,
-                    on_step: Callable[[int, Sequence], None] | None = None
-                    ) -> Iterator["StreamChunk"]:
+                    on_step: Callable[[int, Sequence], None] | None = None,
+                    chat_template_kwargs: dict | None = None) -> Iterator["StreamChunk"]:
         """``stream`` for one conversation: the checkpoint's chat template is applied (and
         image parts read) as in ``chat``."""
         ids, images = chat_prompt(self.tokenizer, self.config.vision, list(messages),
-                                  self.image_limits)
+                                  self.image_limits, chat_template_kwargs)
         return self._stream(ids, None, params, on_step, images or None)
 
     def _stream(self, ids: list[int], text: str | None, params: SamplingParams | None,
@@ -297,6 +317,16 @@ class LLM:
         return [to_output(s, t, self.tokenizer.decode(s.generated)) for t, s in zip(texts, seqs)]
 
 
+@dataclass(frozen=True)
+class Reasoning:
+    """An output split by ``LLM.reasoning``: ``reasoning_content`` (None when the output has
+    no thinking), ``content`` (the answer) and ``reasoning_tokens``."""
+
+    reasoning_content: str | None
+    content: str
+    reasoning_tokens: int
+
+
 @dataclass
 class StreamChunk:
     """One piece of a streamed request (see ``LLM.stream``)."""
@@ -309,12 +339,13 @@ class StreamChunk:
     output: RequestOutput | None = None  # the whole result, on the last chunk
 
 
-def _tensor_parallel(model, path, adapter, size, launch):
+def _tensor_parallel(model, path, adapter, size, launch, device: torch.device):
+    """Shard ``model`` (loaded in host memory) over ``size`` ranks on ``device``'s kind."""
     from ..distributed import ModelSpec, start
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"tensor_parallel_size must be an integer >= 1; got {size!r}")
-    spec = ModelSpec(str(path), str(model.dtype).removeprefix("torch."), str(model.device),
+    spec = ModelSpec(str(path), str(model.dtype).removeprefix("torch."), str(device),
                      None if adapter is None else str(adapter))
     return start(model, spec, size, launch)
 

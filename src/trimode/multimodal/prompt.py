@@ -78,14 +78,16 @@ def expand_image_blocks(ids: list[int], images: list[ImageInput], spec: VisionSp
 
 
 def chat_prompt(tokenizer, spec: VisionSpec | None, messages: list[dict],
-                limits: ImageLimits = ImageLimits()) -> tuple[list[int], list[ImageInput]]:
-    """Prompt ids and images of a conversation (text-only conversations: no images)."""
+                limits: ImageLimits = ImageLimits(),
+                template_kwargs: dict | None = None) -> tuple[list[int], list[ImageInput]]:
+    """Prompt ids and images of a conversation (text-only conversations: no images);
+    ``template_kwargs``: the chat template's extra variables (``chat_template_kwargs``)."""
     flat, sources = split_messages(messages)
     if sources and spec is None:
         raise ValueError("messages contain images, but this checkpoint reads text only "
                          "(images need an NLD-VLM checkpoint)")
     images = load_images(sources, spec, limits) if sources else []
-    ids = tokenizer.apply_chat_template(flat)
+    ids = tokenizer.apply_chat_template(flat, template_kwargs)
     return (expand_image_blocks(ids, images, spec) if spec is not None else ids), images
 
 

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 from rich.console import Console
 from rich.text import Text
 
-from ...checkpoint.tokenizer import check_text
+from ...checkpoint.tokenizer import check_template_kwargs, check_text
 from ...defaults import THRESHOLD
 from ...params import MODE_DEFAULT, SamplingParams
 from .common import UsageError, flag_error
@@ -28,7 +28,7 @@ from .visual import LiveView
 DIFFUSION_THRESHOLD = THRESHOLD["diffusion"]  # shown in --help
 DEFAULT = MODE_DEFAULT  # --threshold not given: the mode's own default (defaults.THRESHOLD)
 FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "seed", "block_length",
-         "threshold", "draft_segments")
+         "threshold", "draft_segments", "max_thinking_tokens")
 
 COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation history",
             "/exit": "quit (end of input quits too)"}
@@ -40,10 +40,20 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, block_length=args.block_length,
-                              threshold=args.threshold, draft_segments=args.draft_segments)
+                              threshold=args.threshold, draft_segments=args.draft_segments,
+                              max_thinking_tokens=args.max_thinking_tokens)
     except ValueError as exc:
         # the flag's spelling: --threshold takes 'none', not None
         raise UsageError(str(flag_error(exc, FLAGS)).replace(" or None", " or 'none'")) from None
+
+
+def template_kwargs_arg(text: str) -> dict:
+    """``--chat-template-kwargs``: a JSON object of template variables."""
+    try:
+        return check_template_kwargs(json.loads(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as "
+                                         f"'{{\"enable_thinking\": false}}'; {exc}") from None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -106,11 +116,12 @@ def run_one(llm, prompt, params, args, stderr: Console, raw: bool = False):
     as it is committed. Returns the RequestOutput; raises Interrupted on Ctrl-C."""
     view = live_view(llm, args, stderr)
     streaming = not args.json and view is None
+    kw = {} if raw else {"chat_template_kwargs": getattr(args, "chat_template_kwargs", None)}
     stream = llm.stream if raw else llm.stream_chat
     pieces, ids, out = [], [], None
     try:
         with view or nullcontext():
-            for chunk in stream(prompt, params, on_step=view):
+            for chunk in stream(prompt, params, on_step=view, **kw):
                 pieces.append(chunk.text)
                 ids += chunk.token_ids
                 if streaming and chunk.text:

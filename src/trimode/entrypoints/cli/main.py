@@ -27,6 +27,7 @@ from ..server.cli import add_serve_parser
 from .common import (Parser, UsageError, add_model_args, load, one_line, segments_arg,
                      threshold_arg)
 from .generate import (DEFAULT, DIFFUSION_THRESHOLD, Interrupted, chat_loop, decode_input,
+                       template_kwargs_arg,
                        run_one, sampling_params, summary, user_text)
 from .visual import MASK_GLYPH, LiveView
 
@@ -80,6 +81,12 @@ def build_parser() -> Parser:
                    help="quadratic_spec: keep draft segments for only the M acceptance outcomes "
                    "nearest the last one, integer >= 1, or 'all' for the full layout "
                    "(block_length^2 extra tokens per forward) (default: 1)")
+    d.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="at most N tokens inside <think>, then </think> is forced, in every "
+                   "mode (default: no budget)")
+    d.add_argument("--chat-template-kwargs", type=template_kwargs_arg, default=None,
+                   metavar="JSON", help="extra chat template variables, a JSON object, e.g. "
+                   "'{\"enable_thinking\": false}'")
     o = common.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print one JSON object per answer: "
                    "text, token_ids, finish_reason, mode, metrics")
@@ -152,6 +159,8 @@ def _main(argv: list[str] | None) -> int:
             raise UsageError("PROMPT must not be empty")
         if args.image and args.raw:
             raise UsageError("--image needs the chat template; drop --raw")
+        if args.chat_template_kwargs is not None and args.raw:
+            raise UsageError("--chat-template-kwargs needs the chat template; drop --raw")
     llm = load(args, stderr)
     if args.command == "chat":
         if not llm.tokenizer.has_chat_template:

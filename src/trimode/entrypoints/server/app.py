@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ...decoding.thinking import ThinkTags
 from ...defaults import MAX_TOKENS
 from ...params import MODE_DEFAULT, SamplingParams
 from ...multimodal.image import ImageLimits
@@ -60,6 +61,8 @@ class ServerConfig:
     max_model_len: int | None = None
     max_body_bytes: int = 4 * 2**20
     ui: bool = True  # GET / serves the playground (ui/); --no-ui turns it off
+    max_thinking_tokens: int | None = None
+    reasoning_parser: str | None = None  # "think": chat replies get reasoning_content
 
 
 def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=None,
@@ -68,6 +71,10 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
     tokenizer: trimode's Tokenizer (encode, decode, apply_chat_template, check_ids).
     vision: the checkpoint's ``VisionSpec`` (NLD-VLM: ``image_url`` parts with ``data:`` URLs
     are accepted, under ``image_limits``), else None (images get a 400)."""
+    tags = ThinkTags.of(tokenizer) if hasattr(tokenizer, "hf") else None
+    if config.reasoning_parser is not None and tags is None:
+        raise ValueError(f"reasoning parser {config.reasoning_parser!r} needs a tokenizer that "
+                         "spells <think> and </think>; this checkpoint's does not")
     app = FastAPI(title="trimode", version="0.1.0",
                   description="OpenAI-compatible server for tri-mode diffusion LMs")
     metrics = Metrics(engine)
@@ -140,7 +147,7 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
         meta = {"id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": config.model_name}
         run = Run(engine, jobs, tokenizer, metrics, endpoint, mode, time.perf_counter(),
-                  sum(map(len, prompt_tokens)))
+                  sum(map(len, prompt_tokens)), tags)
         watcher = asyncio.create_task(abort_on_disconnect(request, run))
         if body.stream:
             options = body.stream_options
@@ -196,8 +203,9 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
                 params = _params(body, j)
                 extra = {"images": images} if images else {}
                 _check(lambda: engine.validate(ids, params, **extra), field)
+                parse = config.reasoning_parser is not None and endpoint == "chat"
                 jobs.append(Job(p * body.n + j, ids, params, f"{uuid.uuid4().hex}-{p}-{j}", stop,
-                                images or None))
+                                images or None, tags if parse else None))
         return jobs, prompts
 
     def _prompt_ids(body: CompletionRequest) -> list[list[int]]:
@@ -221,9 +229,11 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
 
     def _chat_ids(body: ChatCompletionRequest) -> tuple[list[int], list]:
         messages = [{"role": m.role, "content": m.parts()} for m in body.messages]
+        kwargs = body.chat_template_kwargs
         if all(isinstance(m["content"], str) for m in messages):
-            return _check(lambda: tokenizer.apply_chat_template(messages), "messages"), []
-        return _check(lambda: chat_prompt(tokenizer, vision, messages, image_limits), "messages")
+            return _check(lambda: tokenizer.apply_chat_template(messages, kwargs), "messages"), []
+        return _check(lambda: chat_prompt(tokenizer, vision, messages, image_limits, kwargs),
+                      "messages")
 
     def _params(body: _Sampling, j: int) -> SamplingParams:
         mode = body.mode or config.mode
@@ -237,7 +247,9 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
             top_p=config.top_p if body.top_p is None else body.top_p, top_k=top_k,
             seed=None if body.seed is None else body.seed + j,
             block_length=body.block_length or config.block_length, threshold=threshold,
-            logprobs=body.n_logprobs())
+            logprobs=body.n_logprobs(),
+            max_thinking_tokens=config.max_thinking_tokens if body.max_thinking_tokens is None
+            else body.max_thinking_tokens)
         return _check(lambda: SamplingParams(**kwargs), None)
 
     return app
@@ -273,7 +285,8 @@ def _check(fn, field: str | None):
         message = " ".join(str(exc).split())
         first = getattr(exc, "field", None) or message.split(" ", 1)[0].strip(":,")
         first = first.split("[", 1)[0]
-        param = first if first in _Sampling.model_fields or first in ("logprobs",) else field
+        param = first if first in _Sampling.model_fields or \
+            first in ("logprobs", "chat_template_kwargs") else field
         if first == "prompt" and field == "messages":
             param = "messages"
         raise RequestError(message, param) from None

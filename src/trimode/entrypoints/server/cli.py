@@ -10,7 +10,8 @@ import argparse
 from ..cli.common import add_model_args, threshold_arg
 from ...defaults import CONTEXT_CAP, MAX_TOKENS, MODES, PAGE_SIZE, PARALLEL_MODES, THRESHOLD
 
-FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "block_length", "threshold")
+FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "block_length", "threshold",
+         "max_thinking_tokens")
 
 
 def add_serve_parser(sub) -> None:
@@ -52,6 +53,9 @@ def add_serve_parser(sub) -> None:
                    "<= N, ar beyond; 0: always ar")
     s.add_argument("--auto-crossover", default=None, metavar="PATH",
                    help="take the auto policy from a crossover.json written by `trimode bench`")
+    s.add_argument("--reasoning-parser", choices=["think"], default=None,
+                   help="think: chat replies carry the <think> ... </think> part as "
+                   "reasoning_content (message and stream deltas), the rest as content")
     s.add_argument("--no-ui", dest="ui", action="store_false",
                    help="do not serve the playground page at / (default: served)")
     s.add_argument("--log-level", default="info",
@@ -92,6 +96,9 @@ def add_serve_parser(sub) -> None:
     d.add_argument("--threshold", type=threshold_arg, default=None, metavar="X",
                    help=f"in [0, 1] (default: {THRESHOLD['diffusion']} for diffusion, "
                    f"{THRESHOLD['linear_spec']:g} for the speculative modes)")
+    d.add_argument("--max-thinking-tokens", type=int, default=None, metavar="N",
+                   help="at most N tokens inside <think>, then </think> is forced, in every "
+                   "mode (default: no budget)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -249,7 +256,8 @@ def server_config(args: argparse.Namespace, llm, model=None):
     try:
         SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                       block_length=args.block_length)
+                       block_length=args.block_length,
+                       max_thinking_tokens=getattr(args, "max_thinking_tokens", None))
         SamplingParams(mode="diffusion", **threshold)
     except ValueError as exc:
         raise flag_error(exc, FLAGS) from None
@@ -259,6 +267,12 @@ def server_config(args: argparse.Namespace, llm, model=None):
 
     from .app import ServerConfig
 
+    from ..cli.common import UsageError
+
+    for flag in ("reasoning_parser", "max_thinking_tokens"):
+        if getattr(args, flag, None) is not None and llm.think_tags is None:
+            raise UsageError(f"--{flag.replace('_', '-')} needs a tokenizer that spells <think> "
+                             "and </think>; this checkpoint's does not")
     name = args.served_model_name or Path(str(model)).name
     limit = llm.engine.max_model_len
     if args.max_model_len is not None and limit < args.max_model_len:
@@ -269,4 +283,6 @@ def server_config(args: argparse.Namespace, llm, model=None):
     return ServerConfig(model_name=name, mode=args.mode, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         block_length=args.block_length, threshold=args.threshold,
-                        max_model_len=limit, ui=getattr(args, "ui", True))
+                        max_model_len=limit, ui=getattr(args, "ui", True),
+                        max_thinking_tokens=getattr(args, "max_thinking_tokens", None),
+                        reasoning_parser=getattr(args, "reasoning_parser", None))

@@ -29,9 +29,12 @@ class Choice:
     finish_reason: str | None = None
     mode: str | None = None
     metrics: object | None = None
+    reasoning: str | None = None  # the reasoning text when a reasoning parser is on, else None
 
     def add(self, event, tokenizer) -> None:
         self.text += event.text
+        if self.reasoning is not None:
+            self.reasoning += event.reasoning
         self.token_ids += event.token_ids
         if event.logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(event.logprobs)
@@ -83,6 +86,8 @@ def full_choice(c: Choice, endpoint: str, tokenizer) -> dict:
            "trimode": c.trimode()}
     if endpoint == "chat":
         out["message"] = {"role": "assistant", "content": c.text}
+        if c.reasoning is not None:  # vLLM's and DeepSeek's field
+            out["message"]["reasoning_content"] = c.reasoning or None
     else:
         out["text"] = c.text
     return out
@@ -101,6 +106,8 @@ def chunk_choice(c: Choice, event, endpoint: str, tokenizer) -> dict:
            "finish_reason": event.finish_reason}
     if endpoint == "chat":
         out["delta"] = {"content": event.text} if event.text else {}
+        if getattr(event, "reasoning", ""):
+            out["delta"] = {"reasoning_content": event.reasoning, **out["delta"]}
     else:
         out["text"] = event.text
     if event.finish_reason is not None:
@@ -108,10 +115,15 @@ def chunk_choice(c: Choice, event, endpoint: str, tokenizer) -> dict:
     return out
 
 
-def usage(prompt_tokens: int, choices: list[Choice]) -> dict:
+def usage(prompt_tokens: int, choices: list[Choice], reasoning_tokens: int | None = None) -> dict:
+    """OpenAI usage; ``reasoning_tokens`` (generated ids inside ``<think> ... </think>``,
+    tags excluded) when the tokenizer spells the tags."""
     completion = sum(len(c.token_ids) for c in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+           "total_tokens": prompt_tokens + completion}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
 
 
 def summary(choices: list[Choice]) -> dict:

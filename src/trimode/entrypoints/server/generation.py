@@ -1,7 +1,8 @@
 """One HTTP request's choices run on the engine: committed tokens in, final text events out.
 
 ``run_choice`` drives one engine request and turns its updates into ``ChoiceEvent``s through a
-``TextStream`` (stop strings, whole characters). On a stop-string match it aborts the engine
+``TextStream`` (stop strings, whole characters), or a ``ReasoningStream`` (the same, with
+the thinking split off) when a reasoning parser is on. On a stop-string match it aborts the engine
 request (finish_reason ``"stop"``); when the consumer goes away (client disconnect,
 cancellation, error) it aborts it too, so its KV is freed within one engine step. ``merge``
 runs several choices concurrently and yields their events as they come. Knows nothing about
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ...decoding.events import ForwardEvent
-from .text import TextStream
+from .text import ReasoningStream, TextStream
 
 log = logging.getLogger("trimode.server")
 
@@ -31,6 +32,7 @@ class Job:
     request_id: str
     stop: list[str] = field(default_factory=list)
     images: list | None = None  # ImageInputs filling the prompt's image pads (NLD-VLM)
+    think_tags: object | None = None  # ThinkTags: split reasoning from the answer (parser on)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class ChoiceEvent:
     finish_reason: str | None
     mode: str | None
     metrics: object | None
+    reasoning: str = ""  # reasoning text (a reasoning parser is on; ``text`` is the answer)
 
 
 @dataclass
@@ -62,7 +65,8 @@ async def run_choice(engine, job: Job, decode,
                      events: bool = False) -> AsyncIterator[ChoiceEvent | Forward]:
     """Events of one choice, the last one with a finish_reason. ``decode(ids) -> str``.
     With ``events``, also a ``Forward`` for every model forward of the choice."""
-    stream = TextStream(decode, job.stop)
+    stream = TextStream(decode, job.stop) if job.think_tags is None \
+        else ReasoningStream(decode, job.stop, job.think_tags, job.prompt_ids)
     extra = {"images": job.images} if job.images else {}
     if events:
         extra["events"] = True
@@ -86,11 +90,12 @@ async def run_choice(engine, job: Job, decode,
             reason = "stop" if stream.stopped else upd.finish_reason if upd.finished else None
             if upd.finished and not stream.stopped:
                 stream.close()
-            event = ChoiceEvent(job.index, stream.take(), ids, lps, reason, upd.mode, upd.metrics)
+            event = ChoiceEvent(job.index, stream.take(), ids, lps, reason, upd.mode, upd.metrics,
+                                getattr(stream, "take_reasoning", str)())
             if reason is not None:
                 yield event
                 return
-            if event.text or ids:
+            if event.text or event.reasoning or ids:
                 yield event
         raise RuntimeError(f"engine request {job.request_id} ended without a finish_reason")
     finally:

@@ -13,7 +13,7 @@ reaches the tokenizer. Unknown fields are ignored, as in vLLM. Knows nothing abo
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
@@ -73,6 +73,8 @@ class _Sampling(BaseModel):
                                      description="trimode: diffusion block / draft window")
     threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                     description="trimode: unmask / draft confidence threshold")
+    max_thinking_tokens: int | None = Field(None, ge=0, description="trimode: at most this many "
+                                            "tokens inside <think>, then </think> is forced")
 
     @field_validator("stop")
     @classmethod
@@ -189,6 +191,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict] | None = Field(None, description="not supported; only [] or absent")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="extra chat template variables, e.g. {\"enable_thinking\": false}")
 
     def n_logprobs(self) -> int | None:
         if not self.logprobs:

@@ -15,6 +15,7 @@ import time
 
 from fastapi import Request
 
+from ...decoding.thinking import split
 from .format import Choice, chunk, chunk_choice, full_choice, summary, usage
 from .events import event_json
 from .generation import (ChoiceEvent, Forward, Job, abort, merge, run_choice,
@@ -37,11 +38,13 @@ class Run:
     """The choices of one HTTP request, collected (non-stream) or streamed (SSE)."""
 
     def __init__(self, engine, jobs: list[Job], tokenizer, metrics: Metrics, endpoint: str,
-                 mode: str, start: float, prompt_tokens: int = 0):
+                 mode: str, start: float, prompt_tokens: int = 0, think_tags=None):
         self.engine, self.jobs, self.tokenizer, self.metrics = engine, jobs, tokenizer, metrics
         self.endpoint, self.mode, self.start = endpoint, mode, start
         self.prompt_tokens = prompt_tokens
-        self.choices = {j.index: Choice(j.index) for j in jobs}
+        self.think_tags = think_tags  # counts usage's reasoning_tokens (None: not counted)
+        self.choices = {j.index: Choice(j.index, reasoning="" if j.think_tags else None)
+                        for j in jobs}
         self.disconnected = False
         self.first_text_at: float | None = None
 
@@ -72,6 +75,14 @@ class Run:
                 self.metrics.ttft.labels(mode).observe(self.first_text_at - self.start)
             self.metrics.latency.labels(mode).observe(time.perf_counter() - self.start)
 
+    def _usage(self, prompt_tokens: int, choices: list[Choice]) -> dict:
+        reasoning = None
+        if self.think_tags is not None:
+            prompts = {j.index: j.prompt_ids for j in self.jobs}
+            reasoning = sum(len(split(self.think_tags, prompts[c.index], c.token_ids)[0])
+                            for c in choices)
+        return usage(prompt_tokens, choices, reasoning)
+
     async def collect(self, meta: dict, prompt_tokens: int) -> dict:
         try:
             async for event in self.events():
@@ -85,7 +96,7 @@ class Run:
         choices = [self.choices[i] for i in sorted(self.choices)]
         return {**meta, "object": "chat.completion" if self.endpoint == "chat" else "text_completion",
                 "choices": [full_choice(c, self.endpoint, self.tokenizer) for c in choices],
-                "usage": usage(prompt_tokens, choices), "trimode": summary(choices)}
+                "usage": self._usage(prompt_tokens, choices), "trimode": summary(choices)}
 
     async def sse(self, meta: dict, prompt_tokens: int, include_usage: bool, watcher,
                   forwards: bool = False):
@@ -103,12 +114,13 @@ class Run:
                                                             self.tokenizer)})
                     continue
                 choice = self._record(event)
-                if event.text or event.finish_reason is not None or event.logprobs:
+                if event.text or event.reasoning or event.finish_reason is not None \
+                        or event.logprobs:
                     yield _sse(chunk(meta, obj, [chunk_choice(choice, event, self.endpoint,
                                                               self.tokenizer)]))
             if include_usage:
                 choices = [self.choices[i] for i in sorted(self.choices)]
-                yield _sse({**chunk(meta, obj, []), "usage": usage(prompt_tokens, choices),
+                yield _sse({**chunk(meta, obj, []), "usage": self._usage(prompt_tokens, choices),
                             "trimode": summary(choices)})
         except Exception as exc:
             log.exception("stream %s failed", meta["id"])

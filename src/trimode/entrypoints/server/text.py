@@ -5,8 +5,9 @@ final: a multi-byte character split over several tokens is held until it is comp
 suffix that could still become a stop string is held until it cannot (so a stop string never
 leaks, even partly, across token or step boundaries). On a match the text is cut before the
 stop string and no later token counts. The concatenation of everything ``take`` returns equals
-``tokenizer.decode(token_ids)`` cut at the first stop string. Knows nothing about HTTP or
-the engine.
+``tokenizer.decode(token_ids)`` cut at the first stop string. ``ReasoningStream`` does the
+same for a reply that thinks: ids inside ``<think> ... </think>`` become reasoning text, the
+rest the answer (stop strings apply to the answer). Knows nothing about HTTP or the engine.
 
 The incremental decode follows vLLM's ``detokenize_incrementally`` (prefix / read offsets):
 the text of new tokens is decoded together with the tokens before them, so tokenizers whose
@@ -15,6 +16,8 @@ one decode of the whole sequence.
 """
 
 from __future__ import annotations
+
+from ...decoding.thinking import Splitter
 
 REPLACEMENT = "\ufffd"  # what an incomplete UTF-8 sequence decodes to
 
@@ -106,3 +109,49 @@ class TextStream:
                     best = k
                     break
         return best
+
+
+class ReasoningStream:
+    """A ``TextStream`` for a reply that thinks: its ids are routed by a ``Splitter`` (tags
+    dropped, a tag split over several ids or steps held back until known) to a reasoning
+    stream (no stop strings) and an answer stream (``stop``). ``take`` gives the answer's new
+    text, ``take_reasoning`` the reasoning's; the concatenations equal one split of the whole
+    output, however the ids arrive."""
+
+    def __init__(self, decode, stop, tags, prompt_ids: list[int]):
+        self._split = Splitter(tags, prompt_ids)
+        self._reasoning = TextStream(decode)
+        self._answer = TextStream(decode, stop)
+        self.n_tokens = 0
+
+    @property
+    def stopped(self) -> bool:
+        return self._answer.stopped
+
+    def add(self, token_id: int) -> bool:
+        if self.stopped:
+            raise RuntimeError("ReasoningStream.add after the stream ended")
+        self.n_tokens += 1
+        return self._route(self._split.push(token_id))
+
+    def _route(self, released) -> bool:
+        for reasoning, tok in released:
+            if reasoning:
+                self._reasoning.add(tok)
+            elif self._answer.add(tok):
+                return True
+        return False
+
+    def close(self) -> None:
+        if not self.stopped:
+            self._route(self._split.flush())
+        self._reasoning.close()
+        self._answer.close()
+
+    def take(self) -> str:
+        return self._answer.take()
+
+    def take_reasoning(self) -> str:
+        if self.stopped:
+            self._reasoning.close()
+        return self._reasoning.take()
