@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--quantization", default="auto")
+    ap.add_argument("--machine", default="shared with other jobs",
+                    help="how loaded the machine was, for the table's caption")
     ap.add_argument("--write", action="store_true", help="write the table to benchmarks/sections/llamacpp.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,7 +133,7 @@ def main() -> None:
         print(json.dumps({"round": r, "llama.cpp": peer[-1] if peer else None, "trimode": ours[-1]}), flush=True)
     med = lambda rows, k: statistics.median(row[k] for row in rows)  # noqa: E731
     lines = [f"GGUF `{gguf.name}`, {args.threads} threads, quantization={llm.quantization}, "
-             f"{args.rounds} interleaved rounds (medians); CPU: {cpu}; machine quiet (other jobs finished).", "",
+             f"{args.rounds} interleaved rounds (medians); CPU: {cpu}; machine: {args.machine}.", "",
              "| engine | test | tokens/s | / llama.cpp tg64 |", "|---|---|---:|---:|"]
     tg = med(peer, "tg64") if peer else None
     for k in ("tg64", "pp8", "pp16"):

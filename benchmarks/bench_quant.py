@@ -9,7 +9,7 @@ format once) and reported as the median (and the minimum) of rounds; the machine
 within a run. Accuracy: held-out prompts of bench_train (MT-Bench, HumanEval, GSM-symbolic;
 never trained on), first ``--tokens`` greedy tokens in ar, and perplexity of held-out KJV text.
 
-    python benchmarks/bench_quant.py [--rounds 15] [--n 8] [--tokens 48] [--skip-accuracy]
+    python benchmarks/bench_quant.py [--rounds 15] [--n 8] [--tokens 48] [--skip-accuracy] [--ablate]
 """
 
 from __future__ import annotations
@@ -40,13 +40,31 @@ def load(fmt: str, q8_file: Path | None):
                draft_adapter=False, progress=False)
 
 
-def forward_ms(model, prefix: int, t: int) -> float:
+def forward_ms(model, prefix: int, t: int) -> tuple[float, float]:
+    """Wall and CPU (all threads) milliseconds of a ``t``-token forward plus the head."""
     cache = model.new_cache(1, prefix + t + 1)
     model.forward(torch.arange(prefix)[None] + 100, cache)
     ids = torch.arange(t)[None] + 300
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model.logits(model.forward(ids, cache, write=False))
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3, (time.process_time() - cpu) * 1e3
+
+
+def variant(model, name: str) -> None:
+    """Put ``model`` in an ablation state: "" as loaded (fused projections, batch-invariant
+    attention where the LLM chose it), "unfused" (separate q/k/v, gate/up matmuls), "sdpa"
+    (PyTorch's SDPA instead of the invariant attention)."""
+    from trimode.model.model import set_batch_invariant
+
+    if not hasattr(model, "_as_loaded"):
+        model._as_loaded = ([(x.self_attn.qkv, x.mlp.gate_up) for x in model.encoder.layers],
+                            model.encoder.layers[0].self_attn.batch_invariant)
+    fused, invariant = model._as_loaded
+    for layer, (qkv, gate_up) in zip(model.encoder.layers, fused):
+        on = name != "unfused"
+        object.__setattr__(layer.self_attn, "qkv", qkv if on else None)
+        object.__setattr__(layer.mlp, "gate_up", gate_up if on else None)
+    set_batch_invariant(model, invariant and name != "sdpa")
 
 
 def main() -> None:
@@ -58,6 +76,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time each format with unfused projections and with SDPA attention")
     ap.add_argument("--formats", default="fp32,bf16,int8,int4,int8/bf16,int4/bf16,Q8_0")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,19 +89,23 @@ def main() -> None:
 
         q8 = export_gguf(None, Path(tempfile.mkdtemp()) / "smollm2-q8_0.gguf", "q8_0", arch="llama")
     llms = {f: load(f, q8) for f in formats}
-    times = {(f, t): [] for f in formats for t in (1, 8)}
+    variants = [""] + (["unfused", "sdpa"] if args.ablate else [])
+    times = {(f, v, t): [] for f in formats for v in variants for t in (1, 8)}
     with torch.inference_mode():
         for _ in range(args.rounds):
             for f, llm in llms.items():
-                for t in (1, 8):
-                    times[f, t].append(forward_ms(llm.model, 64, t))
-    rows = []
+                for v in variants:
+                    variant(llm.model, v)
+                    for t in (1, 8):
+                        times[f, v, t].append(forward_ms(llm.model, 64, t))
+                variant(llm.model, "")
     for f in formats:
-        one, eight = (statistics.median(times[f, t]) for t in (1, 8))
-        best1, best8 = (min(times[f, t]) for t in (1, 8))
-        rows.append(dict(format=f, ms_1=round(one, 2), ms_8=round(eight, 2), ratio_8_1=round(eight / one, 2),
-                         min_ms_1=round(best1, 2), min_ms_8=round(best8, 2)))
-        print(json.dumps(rows[-1]), flush=True)
+        for v in variants:
+            wall, cpu = ([statistics.median(x[i] for x in times[f, v, t]) for t in (1, 8)] for i in (0, 1))
+            row = dict(format=f + (f" {v}" if v else ""), ms_1=round(wall[0], 2), ms_8=round(wall[1], 2),
+                       ratio_8_1=round(wall[1] / wall[0], 2), cpu_ms_1=round(cpu[0], 2),
+                       cpu_ms_8=round(cpu[1], 2), cpu_ratio_8_1=round(cpu[1] / cpu[0], 2))
+            print(json.dumps(row), flush=True)
     if args.skip_accuracy:
         return
     from trimode import SamplingParams

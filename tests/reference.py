@@ -50,17 +50,21 @@ def ref_ar(oracle, prompt: list[int], max_tokens: int, eos: set[int], mask_id: i
 
 
 def ref_diffusion(oracle, prompt: list[int], max_tokens: int, block_length: int,
-                  threshold: float | None, eos: set[int], mask_id: int):
-    """Spec 3.2/3.3 with B = block_length and steps = B; run over ceil(max_tokens / B) blocks
-    and truncated to max_tokens and the first EOS. Forwards: prefill + denoise + commits
-    that were needed to produce a next seed."""
-    seed = int(argmax_no_mask(logits_of(oracle, prompt)[-1], mask_id))
+                  threshold: float | None, eos: set[int], mask_id: int,
+                  unmask: str = "confidence", steps: int | None = None, seed: int = 0):
+    """Spec 3.2/3.3 with B = block_length and ``steps`` passes per block (None: B); run over
+    ceil(max_tokens / B) blocks and truncated to max_tokens and the first EOS. Masked slots
+    are unmasked in the order of ``unmask`` (``ref_priority``): each pass takes its quota of
+    the even split (at least one; one when a threshold is given without steps) plus every
+    slot whose confidence reaches the threshold. Forwards: prefill + denoise + commits that
+    were needed to produce a next seed."""
+    seed_tok = int(argmax_no_mask(logits_of(oracle, prompt)[-1], mask_id))
     nfe = 1
     out: list[int] = []
     while True:
-        block = [seed] + [mask_id] * (block_length - 1)
+        block = [seed_tok] + [mask_id] * (block_length - 1)
         limit = min(block_length, max_tokens - len(out))
-        quotas = _even(block_length - 1, block_length)
+        quotas = _even(block_length - 1, steps or block_length)
         step = 0
         while True:
             first_mask = block.index(mask_id) if mask_id in block else block_length
@@ -72,12 +76,16 @@ def ref_diffusion(oracle, prompt: list[int], max_tokens: int, block_length: int,
             cand = argmax_no_mask(z, mask_id)
             conf = torch.softmax(z, -1).gather(-1, cand[:, None])[:, 0]
             masked = torch.tensor([t == mask_id for t in block])
+            n_masked = int(masked.sum())
+            score = ref_priority(unmask, z, conf, mask_id, seed, len(out)).masked_fill(~masked, NEG)
             conf = conf.masked_fill(~masked, NEG)
+            quota = quotas[min(step, len(quotas) - 1)]
+            k = min(max(1 if threshold is not None and steps is None else quota, 1), n_masked)
             if threshold is None:
-                chosen = torch.topk(conf, max(quotas[min(step, len(quotas) - 1)], 1)).indices.tolist()
+                chosen = torch.topk(score, k).indices.tolist()
             else:
-                order = torch.topk(conf, int(masked.sum())).indices.tolist()
-                chosen = [order[0]] + [i for i in order[1:] if float(conf[i]) >= threshold]
+                order = torch.topk(score, n_masked).indices.tolist()
+                chosen = order[:k] + [i for i in order[k:] if float(conf[i]) >= threshold]
             for i in chosen:
                 block[i] = int(cand[i])
             step += 1
@@ -87,8 +95,36 @@ def ref_diffusion(oracle, prompt: list[int], max_tokens: int, block_length: int,
             out.append(tok)
         if len(out) >= max_tokens:
             return out, nfe
-        seed = int(argmax_no_mask(logits_of(oracle, prompt + out)[-1], mask_id))
+        seed_tok = int(argmax_no_mask(logits_of(oracle, prompt + out)[-1], mask_id))
         nfe += 1
+
+
+def ref_priority(unmask: str, z: torch.Tensor, conf: torch.Tensor, mask_id: int, seed: int,
+                 offset: int) -> torch.Tensor:
+    """Each block slot's priority under an unmasking policy (higher first), one slot at a time:
+    confidence softmax(z)[cand] (fp32); margin p1 - p2 of softmax(z) among non-mask ids;
+    entropy -H(softmax(z)); random the uniform keyed (seed, offset + slot, rng.UNMASK);
+    leftmost -slot."""
+    if unmask == "confidence":
+        return conf
+    values = []
+    for i in range(len(z)):
+        p = torch.softmax(z[i], -1)
+        if unmask == "margin":
+            ranked = sorted((float(v), j) for j, v in enumerate(p.tolist()) if j != mask_id)
+            v = torch.tensor(ranked[-1][0], dtype=torch.float32) - torch.tensor(ranked[-2][0], dtype=torch.float32)
+        elif unmask == "entropy":
+            v = -torch.special.entr(p).sum()
+        elif unmask == "random":
+            from trimode.decoding import rng
+            key = rng.key(torch.tensor(seed), torch.tensor(offset + i), rng.UNMASK)
+            v = rng.uniform(key, 1)[0]
+        elif unmask == "leftmost":
+            v = torch.tensor(-float(i))
+        else:
+            raise ValueError(unmask)
+        values.append(float(v))
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def ref_linear_spec(oracle, prompt: list[int], max_tokens: int, block_length: int,

@@ -92,12 +92,14 @@ def test_sampled_picks_follow_the_target_distribution():
 
 
 def _reference_unmask(conf, masked, threshold, quota):
-    """diffusion's per-row rule as strategies.DiffusionStrategy._select applies it."""
+    """diffusion's per-row rule as tests/reference.py applies it: the quota (at least one)
+    then, with a threshold, every slot reaching it (a threshold without steps has quota 1)."""
     conf = conf.masked_fill(~masked, float("-inf"))
+    k = min(max(quota, 1), int(masked.sum()))
     if threshold is None:
-        return sorted(torch.topk(conf, min(max(quota, 1), int(masked.sum()))).indices.tolist())
+        return sorted(torch.topk(conf, k).indices.tolist())
     order = torch.topk(conf, int(masked.sum())).indices.tolist()
-    return sorted([order[0]] + [i for i in order[1:] if float(conf[i]) >= threshold])
+    return sorted(order[:k] + [i for i in order[k:] if float(conf[i]) >= threshold])
 
 
 def test_unmask_equals_the_per_row_rule_ties_included():

@@ -23,3 +23,7 @@ CONTEXT_CAP = 4096  # max_model_len when not given: the checkpoint's limit, capp
 PAGE_SIZE = 16  # KV positions per page (engine/kv_pool.py); the tests run with 4
 MIN_SHARED_PREFIX = 16  # prefix cache: shortest cached prefix worth reading (0: off)
 MAX_LOGPROBS = 20
+# diffusion's unmasking policies (decoding/unmask.py): which masked slots a denoising pass
+# fills first. confidence is the reference's (docs/spec.md 3.3).
+UNMASK_POLICIES = ("confidence", "margin", "entropy", "random", "leftmost")
+UNMASK = "confidence"

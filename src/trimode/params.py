@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .defaults import (AUTO, DRAFT_SEGMENTS, MAX_LOGPROBS, MAX_TOKENS, MODES, THRESHOLD)
+from .defaults import (AUTO, DRAFT_SEGMENTS, MAX_LOGPROBS, MAX_TOKENS, MODES, THRESHOLD, UNMASK,
+                       UNMASK_POLICIES)
 
 
 class FieldError(ValueError):
@@ -25,8 +26,9 @@ class FieldError(ValueError):
 
 
 class _ModeDefault:
-    """The ``threshold`` a request gets when it gives none: ``defaults.THRESHOLD[mode]``
-    (``None`` stays the explicit request for diffusion's even schedule)."""
+    """The ``threshold`` a request gets when it gives none: ``defaults.THRESHOLD[mode]``, or
+    None for a diffusion request that gives ``steps`` (its quota schedule); ``None`` stays the
+    explicit request for diffusion's even schedule."""
 
     def __repr__(self) -> str:
         return "MODE_DEFAULT"
@@ -66,7 +68,23 @@ class SamplingParams:
         (at least one per pass); None gives the even schedule (docs/spec.md 3.3). For
         linear_spec the draft threshold: 0 drafts in one pass (the reference default).
         Not given: the mode's default from ``defaults.THRESHOLD`` (diffusion 0.9, the
-        speculative modes 0), resolved when the mode is (``auto``: at admission).
+        speculative modes 0; diffusion with ``steps``: None), resolved when the mode is
+        (``auto``: at admission).
+    unmask: diffusion's unmasking policy, the order in which a denoising pass fills masked
+        slots: ``"confidence"`` (the candidate's probability, the reference's; default),
+        ``"margin"`` (top-1 minus top-2 probability), ``"entropy"`` (lowest entropy first),
+        ``"random"`` (a random order keyed by ``seed`` and the position) or ``"leftmost"``.
+        Scores use the model's raw distribution softmax(z) over the full vocabulary, as
+        confidence does (docs/spec.md 3.3); see ``decoding/unmask.py``. Ignored by the other
+        modes.
+    steps: diffusion denoising passes per block, >= 1 (llama.cpp's ``--diffusion-steps`` per
+        block): pass s unmasks the s-th quota of the even split of the block's masks over
+        ``steps`` passes (at least one slot), in ``unmask`` order. With ``threshold`` None
+        that is all it unmasks (the quota schedule; None steps = block_length, spec 3.3);
+        with a threshold it also unmasks every slot whose confidence reaches it, so a block
+        takes at most ``steps`` passes. None without a threshold: block_length passes; None
+        with one: one slot per pass plus the threshold's (today's rule). Ignored by the
+        other modes.
     draft_segments: quadratic_spec only: m >= 1 keeps draft segments for the m acceptance
         outcomes nearest the last acceptance (pruned layout, block_length * (m + 1) tokens
         per forward); None keeps one for every outcome (block_length + block_length^2).
@@ -94,12 +112,20 @@ class SamplingParams:
     trace: bool = False
     logprobs: int | None = None
     max_thinking_tokens: int | None = None
+    unmask: str = UNMASK
+    steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise FieldError("mode", f"must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.unmask not in UNMASK_POLICIES:
+            raise FieldError("unmask", f"must be one of {', '.join(UNMASK_POLICIES)}; "
+                             f"got {self.unmask!r}")
+        if self.steps is not None:
+            _check_int("steps", self.steps, low=1)
         if self.threshold is MODE_DEFAULT and self.mode != AUTO:
-            object.__setattr__(self, "threshold", THRESHOLD[self.mode])
+            quota = self.mode == "diffusion" and self.steps is not None
+            object.__setattr__(self, "threshold", None if quota else THRESHOLD[self.mode])
         _check_int("max_tokens", self.max_tokens, low=1)
         _check_real("temperature", self.temperature, "must be 0 (greedy) or in [1e-4, inf)",
                     lambda v: v == 0 or v >= 1e-4)  # below 1e-4, z / T overflows to NaN

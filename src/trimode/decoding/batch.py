@@ -18,7 +18,7 @@ import torch
 
 from ..outputs import TokenLogprob
 from ..params import SamplingParams
-from . import rng, select
+from . import rng, select, unmask
 
 SITE_BITS = 16  # a draw site is (request forward counter << SITE_BITS) | slot
 
@@ -29,9 +29,11 @@ class Need:
 
     slots: query slots (indices into the row's Step tokens) whose token is chosen, in order.
     seed / draw: the request's seed and forward counter (random draws are keyed by them).
-    choose / threshold / quota: choose among ``slots`` (the masked slots of a block, each
-        slot its block index) by confidence: diffusion's rule (threshold None uses ``quota``)
-        or, with ``draft=True``, linear_spec's multi-pass draft rule.
+    choose / threshold / quota / offset: choose among ``slots`` (the masked slots of a block,
+        each slot its block index): diffusion's rule (``quota`` slots in the order of the
+        request's ``unmask`` policy plus every one reaching ``threshold``; ``offset``: the
+        generated position of block slot 0, the random policy's key) or, with
+        ``draft=True``, linear_spec's multi-pass draft rule (by confidence).
     verify / drafts / q: a verify segment: slots ``0 .. verify-1`` of ``slots`` check
         ``drafts`` (``verify - 1`` tokens); with ``q`` (draft float64 log-probs on the
         device, ``[verify - 1, V]``) by speculative sampling, else on the host by matching.
@@ -47,6 +49,7 @@ class Need:
     choose: bool = False
     threshold: float | None = None
     quota: int = 1
+    offset: int = 0
     draft: bool = False
     verify: int = 0
     drafts: list[int] = field(default_factory=list)
@@ -91,7 +94,7 @@ def select_rows(logits: torch.Tensor, needs: list[Need], mask_token_id: int | No
             [(n.params, n.seed, (n.draw << SITE_BITS) | slot, rng.PICK)
              for n in needs for slot in n.slots], device)
         tokens = select.pick(logits, sampling, mask_token_id, greedy=tokens)
-    shown = _chosen(logits, tokens, needs, starts)  # unchosen slots of choosing rows: -1
+    shown = _chosen(logits, tokens, needs, starts, mask_token_id)  # unchosen slots of choosing rows: -1
     packed = [shown, bad]
     spec_at = _speculative(logits, needs, starts, sampling, mask_token_id, packed)
     kept = _kept(logits, needs, starts, sampling, mask_token_id)
@@ -158,7 +161,7 @@ def _bad_rows(logits: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         0, owner, bad.long()) > 0
 
 
-def _chosen(logits, tokens, needs, starts) -> torch.Tensor:
+def _chosen(logits, tokens, needs, starts, mask_token_id) -> torch.Tensor:
     """``tokens`` with -1 at the slots that choosing rows (diffusion unmasking, multi-pass
     drafts) did not choose, batched over those rows: confidences sit at their block index in
     an ``[R, L]`` matrix (-inf elsewhere), as the reference lays them out."""
@@ -180,9 +183,11 @@ def _chosen(logits, tokens, needs, starts) -> torch.Tensor:
     diffusion = [k for k, r in enumerate(rows) if not needs[r].draft]
     if diffusion:
         ii = torch.tensor(diffusion, device=device)
+        score = _priority(logits, at, whole, conf, where, rows, needs, mask_token_id)
         chosen[ii] = select.unmask(conf[ii], masked[ii], [len(needs[rows[k]].slots) for k in diffusion],
                                    [needs[rows[k]].threshold for k in diffusion],
-                                   [needs[rows[k]].quota for k in diffusion])
+                                   [needs[rows[k]].quota for k in diffusion],
+                                   None if score is None else score[ii])
     drafts = [k for k, r in enumerate(rows) if needs[r].draft]
     if drafts:
         ii = torch.tensor(drafts, device=device)
@@ -192,6 +197,17 @@ def _chosen(logits, tokens, needs, starts) -> torch.Tensor:
     shown = tokens.clone()
     shown[at] = torch.where(chosen[where], tokens[at], -1)
     return shown
+
+
+def _priority(logits, at, whole, conf, where, rows, needs, mask_token_id) -> torch.Tensor | None:
+    """The unmasking policies' priorities of the choosing rows (``unmask.priority``), or None
+    when every diffusion row unmasks by confidence (draft rows always do)."""
+    policies = [needs[r].params.unmask if not needs[r].draft else "confidence" for r in rows]
+    if all(p == "confidence" for p in policies):
+        return None
+    return unmask.priority(logits if whole else logits[at], conf, where, policies,
+                           [needs[r].seed for r in rows], [needs[r].offset for r in rows],
+                           mask_token_id)
 
 
 def _speculative(logits, needs, starts, sampling, mask_token_id, packed) -> list[int]:

@@ -11,13 +11,16 @@ from .strategy import Strategy
 
 
 def even_schedule(masks: int, steps: int) -> list[int]:
-    """Tokens to unmask at each step when ``threshold`` is None (spec 3.3 quota)."""
+    """Tokens to unmask at each step of a block (spec 3.3 quota; llama.cpp's
+    ``get_num_transfer_tokens``): ``masks`` split evenly over ``steps``, the first
+    ``masks % steps`` steps one more."""
     base, extra = divmod(masks, steps)
     return [base + (1 if s < extra else 0) for s in range(steps)]
 
 
 class DiffusionStrategy(Strategy):
-    """Block diffusion with the reference's selection rule (spec 3.2, 3.3, 3.5).
+    """Block diffusion with the reference's selection rule (spec 3.2, 3.3, 3.5), in the order
+    of the request's unmasking policy (``unmask.py``) and with its ``steps`` per block.
 
     The last block keeps its full ``block_length`` (so a shorter ``max_tokens`` returns a
     prefix of a longer run); denoising stops once every slot within the limit is unmasked
@@ -40,7 +43,8 @@ class DiffusionStrategy(Strategy):
         self.offset = len(seq.generated)
         self.block = [seed] + [seq.mask_token_id] * (length - 1)
         self.limit = min(length, seq.remaining)
-        self.schedule = even_schedule(length - 1, length)
+        # more steps than masks behaves as one step per mask (never a list of `steps` items)
+        self.schedule = even_schedule(length - 1, min(seq.params.steps or length, max(length - 1, 1)))
         self.passes = 0
         self._finish_block_if_done(seq)
 
@@ -72,10 +76,13 @@ class DiffusionStrategy(Strategy):
         if self.phase == "commit":
             return seq.need_next(len(self.block) - 1)
         masked = [i for i, t in enumerate(self.block) if t == seq.mask_token_id]
+        p = seq.params
         quota = self.schedule[min(self.passes, len(self.schedule) - 1)]
+        if p.threshold is not None and p.steps is None:
+            quota = 1  # the threshold rule alone: one slot plus every confident one
         forced = seq.forced_ids(self.block, len(self.block))
-        return seq.need(masked, choose=True, threshold=seq.params.threshold, quota=quota,
-                        forced=forced and [forced[i] for i in masked])
+        return seq.need(masked, choose=True, threshold=p.threshold, quota=quota,
+                        offset=self.offset, forced=forced and [forced[i] for i in masked])
 
     def apply(self, seq: Sequence, result: Result) -> None:
         if self.phase == "commit":

@@ -16,6 +16,7 @@ import torch
 
 # stream ids: what a draw is for (a position may need several independent draws)
 PICK, ACCEPT, RESIDUAL, BONUS = 1, 2, 3, 4
+UNMASK = 5  # diffusion's random unmasking order: one uniform per generated position
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9

@@ -8,8 +8,9 @@ only the chosen token ids and a few integers per request after a step.
 - ``pick``: greedy (argmax without the mask id) or sampled (Gumbel-max over float64
   ``target_log_probs``, noise from ``rng`` keyed by (seed, draw site)): the same seed gives
   the same tokens in any batch and on any device.
-- ``confidence``, ``unmask``: diffusion's rule (spec 3.3): the most confident masked slot
-  plus every one reaching the threshold, or the quota of the even schedule.
+- ``confidence``, ``unmask``: diffusion's rule (spec 3.3): the pass's quota of masked slots
+  in the unmasking policy's order (``unmask.py``; confidence by default) plus every one whose
+  confidence reaches the threshold.
 - ``accepted_greedy``, ``speculative``: linear_spec / quadratic_spec verification: exact
   match at temperature 0, speculative sampling (Leviathan et al. 2023) otherwise.
 
@@ -128,35 +129,37 @@ def topk_rows(values: torch.Tensor, ks: list[int]) -> torch.Tensor:
 
 
 def unmask(conf: torch.Tensor, masked: torch.Tensor, n_masked: list[int],
-           thresholds: list[float | None], quotas: list[int]) -> torch.Tensor:
+           thresholds: list[float | None], quotas: list[int],
+           score: torch.Tensor | None = None) -> torch.Tensor:
     """Diffusion's choice of slots to unmask: bool ``[R, L]``.
 
     ``conf`` ``[R, L]``: each slot's candidate confidence; ``masked``: which slots are still
-    masks (``n_masked`` per row, host ints). A row with a threshold unmasks its most
-    confident masked slot (``torch.topk``'s first) plus every masked slot whose confidence
-    reaches it; a row without (None) unmasks its ``quota`` most confident (at least one).
+    masks (``n_masked`` per row, host ints); ``score``: the unmasking policy's priority
+    (``unmask.priority``; default ``conf``). A row unmasks its ``quota`` highest-priority
+    masked slots (at least one) and, with a threshold (not None), every masked slot whose
+    confidence reaches it; threshold rows take their quota from the front of
+    ``topk(score, n_masked)`` (the reference's order).
     """
-    conf = conf.masked_fill(~masked, NEG_INF)
-    ks = [max(q, 1) if t is None else 1 for t, q in zip(thresholds, quotas)]
-    ks = [min(k, n) for k, n in zip(ks, n_masked)]
-    first = _first_of_topk(conf, n_masked, thresholds, ks)
+    score = (conf if score is None else score).masked_fill(~masked, NEG_INF)
+    ks = [min(max(q, 1), n) for q, n in zip(quotas, n_masked)]
+    first = _first_of_topk(score, n_masked, thresholds, ks)
     thr = torch.tensor([2.0 if t is None else t for t in thresholds], dtype=torch.float64,
                        device=conf.device)
     return first | (masked & (conf >= thr[:, None]))
 
 
-def _first_of_topk(conf: torch.Tensor, n_masked: list[int], thresholds: list,
+def _first_of_topk(score: torch.Tensor, n_masked: list[int], thresholds: list,
                    ks: list[int]) -> torch.Tensor:
-    """Threshold rows: the first index of ``topk(conf, n_masked)`` (the reference's order);
-    quota rows: ``topk(conf, k)``."""
-    quota = topk_rows(conf, [k if t is None else 0 for k, t in zip(ks, thresholds)])
+    """Threshold rows: the first k indices of ``topk(score, n_masked)`` (the reference's
+    order); quota rows: ``topk(score, k)``."""
+    quota = topk_rows(score, [k if t is None else 0 for k, t in zip(ks, thresholds)])
     if all(t is None for t in thresholds):
         return quota
-    groups = [n if t is not None else 0 for n, t in zip(n_masked, thresholds)]
+    groups = [(n, k) if t is not None else None for n, k, t in zip(n_masked, ks, thresholds)]
     out = quota
-    for k in sorted(set(groups) - {0}):
-        rows = torch.tensor([r for r, g in enumerate(groups) if g == k], device=conf.device)
-        top = torch.topk(conf[rows], k, dim=-1).indices[:, :1]
+    for n, k in sorted(set(groups) - {None}):
+        rows = torch.tensor([r for r, g in enumerate(groups) if g == (n, k)], device=score.device)
+        top = torch.topk(score[rows], n, dim=-1).indices[:, :k]
         out[rows] = out[rows].scatter(-1, top, True)
     return out
 

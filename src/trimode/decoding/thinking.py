@@ -116,6 +116,8 @@ class Thinking:
         follows the committed text plus ``ahead[:i]`` (drafts, or a block with masks: a
         masked slot is assumed to take its forced id if it has one, else a thinking token)."""
         s, out = self.state, []
+        if s.forcing < 0 and (self.budget is None or s.spent + n - 1 < self.budget):
+            return [UNKNOWN] * n  # spent grows by at most one a position: nothing due yet
         for i in range(n):
             f = self._forced_id(s)
             out.append(f)

@@ -118,6 +118,10 @@ class LLM:
 
             quantization = quantize_model(self.model, quantization, quant_source or ckpt.gguf_file)
         self.quantization = quantization
+        if self.model.device.type == "cpu" and self.model.dtype != torch.float32:
+            from ..model.model import set_batch_invariant
+
+            set_batch_invariant(self.model)  # bf16 rounding: see model.attend
         self.config = self.model.config
         self.tokenizer = Tokenizer.load(ckpt.directory, ckpt.gguf_file, self.config.mask_token_id,
                                         self.config.bos_token_id)
@@ -136,6 +140,10 @@ class LLM:
                                           distributed, target)
             # graphs would capture the step-plan broadcast: the decode forward runs eagerly
             engine_config = dataclasses.replace(engine_config, cuda_graphs=False)
+        else:
+            from ..model.fused import fuse_projections
+
+            fuse_projections(self.model)
         self.max_batch_size = max_batch_size
         self.engine = Engine(self.model, engine_config)
         # a tri-mode adapter (trimode train) is also on for diffusion denoising passes

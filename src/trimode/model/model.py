@@ -50,8 +50,28 @@ class Linear(nn.Linear):
         """The frozen weight's product (quant.QuantLinear replaces it with an int8/int4 kernel)."""
         return F.linear(x, self.weight)
 
+    def stack_key(self) -> tuple:
+        """Layers with equal keys can be stacked row-wise by ``stack``."""
+        return type(self), self.in_features, self.weight.dtype, self.weight.device
+
+    @classmethod
+    def stack(cls, layers: tuple[Linear, ...]) -> Linear:
+        """One layer computing ``layers``' base products side by side (rows concatenated);
+        each of ``layers`` keeps a view of its rows, so no weight is held twice."""
+        fused = cls(layers[0].in_features, sum(x.out_features for x in layers))
+        fused.weight = nn.Parameter(torch.cat([x.weight.detach() for x in layers]), requires_grad=False)
+        start = 0
+        for x in layers:
+            x.weight = nn.Parameter(fused.weight[start:start + x.out_features], requires_grad=False)
+            start += x.out_features
+        return fused
+
     def forward(self, x: torch.Tensor, adapter_rows: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.base(x)
+        return self.add_delta(self.base(x), x, adapter_rows)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor,
+                  adapter_rows: torch.Tensor | None) -> torch.Tensor:
+        """``out`` (this layer's base product of ``x``) plus the adapter delta where it is on."""
         if self.lora_A is None or adapter_rows is None:
             return out
         delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
@@ -69,6 +89,8 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, self.kv_heads * self.head_dim)
         self.v_proj = Linear(d, self.kv_heads * self.head_dim)
         self.o_proj = Linear(self.heads * self.head_dim, d)
+        self.batch_invariant = False  # see ``attend``; set by ``set_batch_invariant``
+        self.qkv: Linear | None = None  # q, k, v rows in one layer (``fused.fuse_projections``)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple) -> torch.Tensor:
         """``x`` ``[B, T, d]``, or ``[N, d]`` real tokens only when ``batch.real`` is set
@@ -77,15 +99,18 @@ class Attention(nn.Module):
         b, t = batch.positions.shape
         ad = batch.adapter_rows
 
-        def heads(proj: Linear, n: int) -> torch.Tensor:
-            y = proj(x, ad)
+        def heads(y: torch.Tensor, n: int) -> torch.Tensor:
             if real is not None:
                 y = _scatter_rows(y, real, b, t)
             return y.view(b, t, n, self.head_dim).transpose(1, 2)
 
-        q = heads(self.q_proj, self.heads)
-        k = heads(self.k_proj, self.kv_heads)
-        v = heads(self.v_proj, self.kv_heads)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv is None:
+            q, k, v = (proj(x, ad) for proj in projs)
+        else:  # one matmul for the three (model.fused); adapter deltas per projection
+            parts = self.qkv.base(x).split([p.out_features for p in projs], -1)
+            q, k, v = (p.add_delta(y, x, ad) for p, y in zip(projs, parts))
+        q, k, v = heads(q, self.heads), heads(k, self.kv_heads), heads(v, self.kv_heads)
         cos, sin, q_scale = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if q_scale is not None:
@@ -93,8 +118,7 @@ class Attention(nn.Module):
         cache = batch.cache
         cache.store(self.layer, batch.write_index, k, v)
         keys, values = cache.window(self.layer, batch.mask.shape[-1])
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask,
-                                           enable_gqa=self.kv_heads != self.heads)
+        o = attend(q, keys, values, batch.mask, self.batch_invariant)
         o = o.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(o if real is None else o.reshape(b * t, -1)[real], ad)
 
@@ -105,10 +129,16 @@ class MLP(nn.Module):
         self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
         self.up_proj = Linear(config.hidden_size, config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
+        self.gate_up: Linear | None = None  # gate and up rows in one layer (``fused``)
 
     def forward(self, x: torch.Tensor, adapter_rows: torch.Tensor | None) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, adapter_rows)) * self.up_proj(x, adapter_rows),
-                              adapter_rows)
+        if self.gate_up is None:
+            gate, up = self.gate_proj(x, adapter_rows), self.up_proj(x, adapter_rows)
+        else:
+            gate, up = self.gate_up.base(x).chunk(2, -1)
+            gate = self.gate_proj.add_delta(gate, x, adapter_rows)
+            up = self.up_proj.add_delta(up, x, adapter_rows)
+        return self.down_proj(F.silu(gate) * up, adapter_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -243,6 +273,39 @@ class TriModeModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., d]`` -> fp32 logits ``[..., vocab]`` (confidence math is always fp32, docs/cases.md B31)."""
         return self.diffusion_head(hidden).float()
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+           invariant: bool = False) -> torch.Tensor:
+    """Attention of ``q`` ``[B, H, T, D]`` over ``keys``/``values`` ``[B, Hkv, S, D]`` where
+    ``mask`` ``[B, 1, T, S]`` (bool) allows; returns ``[B, H, T, D]`` in ``q``'s dtype.
+
+    ``invariant=False``: PyTorch's SDPA, whose blocking (and so its rounding) depends on T and
+    S. ``invariant=True``: scores, softmax and the weighted sum in fp64 from the fp32/bf16
+    inputs, rounded once at the end. Every product of two fp32 (or bf16) values is exact in
+    fp64 and the sums' rounding error (~1e-16 relative) is far below the output's last bit,
+    so a query's result no longer depends on how many queries or keys share the call
+    (masked keys add exact zeros). That keeps a 1-token AR step and an 8-token verify bitwise
+    equal where later layers round activations to bf16 (quantized or bf16 models), which
+    would otherwise amplify SDPA's last-bit differences into different tokens.
+    """
+    if not invariant:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                              enable_gqa=keys.shape[1] != q.shape[1])
+    b, h, t, d = q.shape
+    g = h // keys.shape[1]
+    qd = q.double().reshape(b, h // g, g * t, d)  # query heads grouped by their KV head
+    scores = torch.matmul(qd, keys.double().transpose(-1, -2)) * (1.0 / d ** 0.5)
+    scores = scores.view(b, h, t, -1).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(b, h // g, g * t, -1)
+    return torch.matmul(probs, values.double()).view(b, h, t, d).to(q.dtype)
+
+
+def set_batch_invariant(net: nn.Module, on: bool = True) -> None:
+    """Switch every attention layer of ``net`` to the batch-invariant path (``attend``)."""
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.batch_invariant = on
 
 
 def _scatter_rows(y: torch.Tensor, real: torch.Tensor, b: int, t: int) -> torch.Tensor:

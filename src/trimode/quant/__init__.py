@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..model.config import CheckpointError
-from ..model.model import Linear, TriModeModel
+from ..model.model import Linear, TriModeModel, set_batch_invariant
 from .gguf_blocks import EXACT_INT4, gguf_weight
 from .layers import COMPUTE_DTYPE, Int4Weight, Int8Weight, QuantLinear, int4_from_float, int8_from_float
 
@@ -114,4 +114,7 @@ def quantize_model(net: TriModeModel, scheme: str, gguf_file: Path | None = None
         quant = QuantLinear(w, dtype, source)
         parent, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, quant)
+    # the int kernels round activations to bf16, which turns attention's last-bit differences
+    # between a 1-token and an 8-token forward into different tokens: keep attention invariant
+    set_batch_invariant(net, True)
     return scheme

@@ -92,13 +92,51 @@ class QuantLinear(Linear):
             self.bits, self.group_size = 8, self.in_features
             self.register_buffer("qweight", weight.q.contiguous())
             self.register_buffer("scales", weight.scale.to(COMPUTE_DTYPE))
+            self.unpacked = None
         else:
             self.bits, self.group_size = 4, weight.group_size
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 weight.q.to(torch.int32).contiguous(), 1)
             self.register_buffer("qweight", packed)
+            # the CPU pack interleaves rows in blocks that depend on N, so a row stack
+            # (``stack``) repacks from these integers (dropped once stacked)
+            self.unpacked: torch.Tensor | None = weight.q.to(torch.uint8)
             sz = torch.stack([weight.scale, weight.zero], -1).transpose(0, 1).contiguous()
             self.register_buffer("scales", sz.to(COMPUTE_DTYPE))  # [K / g, N, 2]
+
+    def stack_key(self) -> tuple:
+        return (type(self), self.in_features, self.bits, self.group_size, self.activation_dtype,
+                self.bits == 8 or self.unpacked is not None)
+
+    @classmethod
+    def stack(cls, layers: tuple[QuantLinear, ...]) -> QuantLinear:
+        """Row-wise stack (model.fused): int8 rows and scales concatenate and the parts keep
+        views of them; int4 is repacked from the parts' integers (the CPU pack's row blocks
+        depend on N) and its ``[K / g, N, 2]`` scales join along N."""
+        first = layers[0]
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.in_features, fused.out_features = first.in_features, sum(x.out_features for x in layers)
+        fused.lora_A = fused.lora_B = None
+        fused.lora_scale = 0.0
+        fused.activation_dtype, fused.bits, fused.group_size = first.activation_dtype, first.bits, first.group_size
+        fused.source = first.source
+        axis = 0 if first.bits == 8 else 1
+        fused.register_buffer("scales", torch.cat([x.scales for x in layers], axis).contiguous())
+        if first.bits == 4:
+            q = torch.cat([x.unpacked for x in layers]).to(torch.int32)
+            fused.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            fused.unpacked = None
+            for x in layers:
+                x.unpacked = None
+            return fused
+        fused.register_buffer("qweight", torch.cat([x.qweight for x in layers]))
+        start = 0
+        for x in layers:
+            x.qweight = fused.qweight[start:start + x.out_features]
+            x.scales = fused.scales[start:start + x.out_features]
+            start += x.out_features
+        return fused
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

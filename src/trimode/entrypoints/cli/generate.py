@@ -22,26 +22,40 @@ from rich.text import Text
 from ...checkpoint.tokenizer import check_template_kwargs, check_text
 from ...defaults import THRESHOLD
 from ...params import MODE_DEFAULT, SamplingParams
+from . import llamacpp
 from .common import UsageError, flag_error
 from .visual import LiveView
 
 DIFFUSION_THRESHOLD = THRESHOLD["diffusion"]  # shown in --help
 DEFAULT = MODE_DEFAULT  # --threshold not given: the mode's own default (defaults.THRESHOLD)
 FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "seed", "block_length",
-         "threshold", "draft_segments", "max_thinking_tokens")
+         "threshold", "draft_segments", "max_thinking_tokens", "unmask", "steps")
 
 COMMANDS = {"/help": "list these commands", "/reset": "clear the conversation history",
             "/exit": "quit (end of input quits too)"}
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    """The flags as SamplingParams; UsageError naming the flag for a bad value."""
+    """The flags as SamplingParams; UsageError naming the flag for a bad value. llama.cpp's
+    ``--diffusion-*`` spellings are mapped first (``llamacpp.py``); ``--diffusion-steps``
+    without a block length gets its final per-block value from ``llamacpp.resolve_steps``
+    once the checkpoint is loaded."""
+    llamacpp.apply(args)
+    mode = args.mode or "ar"
+    for flag in ("unmask", "steps"):
+        if getattr(args, flag) is not None and mode not in ("diffusion", "auto"):
+            raise UsageError(f"--{flag} applies to --mode diffusion; got --mode {mode}")
+    steps = args.steps
+    if args.diffusion_steps is not None:
+        steps = llamacpp.steps_of(args.diffusion_steps, args.max_tokens, args.block_length) \
+            if args.block_length and args.max_tokens >= 1 else 1
     try:
-        return SamplingParams(mode=args.mode, max_tokens=args.max_tokens,
+        return SamplingParams(mode=mode, max_tokens=args.max_tokens,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, block_length=args.block_length,
                               threshold=args.threshold, draft_segments=args.draft_segments,
-                              max_thinking_tokens=args.max_thinking_tokens)
+                              max_thinking_tokens=args.max_thinking_tokens,
+                              unmask=args.unmask or "confidence", steps=steps)
     except ValueError as exc:
         # the flag's spelling: --threshold takes 'none', not None
         raise UsageError(str(flag_error(exc, FLAGS)).replace(" or None", " or 'none'")) from None

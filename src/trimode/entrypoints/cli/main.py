@@ -21,11 +21,12 @@ import sys
 
 from rich.console import Console
 
-from ...defaults import DRAFT_SEGMENTS, MAX_TOKENS, MODES
+from ...defaults import DRAFT_SEGMENTS, MAX_TOKENS, MODES, UNMASK_POLICIES
 from ...extras import require
 from ..server.cli import add_serve_parser
 from .common import (Parser, UsageError, add_model_args, load, one_line, segments_arg,
                      threshold_arg)
+from .llamacpp import add_llamacpp_args, positive_int, resolve_steps
 from .generate import (DEFAULT, DIFFUSION_THRESHOLD, Interrupted, chat_loop, decode_input,
                        template_kwargs_arg,
                        run_one, sampling_params, summary, user_text)
@@ -39,6 +40,8 @@ examples:
   trimode generate "What is the capital of France?"
   trimode generate --mode linear_spec --json --max-tokens 64 "Write a haiku."
   trimode generate --mode diffusion --block-length 32 --threshold 0.9 --visual "Count to 20."
+  trimode generate --mode diffusion --unmask margin --steps 8 "Count to 20."
+  trimode generate --diffusion-steps 64 --diffusion-algorithm 1 --diffusion-block-length 32 "Hi"
   echo "Hi" | trimode chat --mode linear_spec
 
 exit codes: 0 ok, 2 bad flag/input/checkpoint (one line on stderr), 130 interrupted
@@ -54,11 +57,11 @@ def build_parser() -> Parser:
                    "(and diffusion denoising if trained for it); 'none' for no adapter "
                    "(default: the shipped tri-mode adapter on the embedded model)")
     d = common.add_argument_group("decoding")
-    d.add_argument("--mode", choices=MODES, default="ar",
+    d.add_argument("--mode", choices=MODES, default=None,
                    help="ar: one token per forward; diffusion: block diffusion; linear_spec: "
                    "self-speculation (draft a block bidirectionally, verify causally); "
                    "quadratic_spec: the same with draft and verify fused in one forward "
-                   "(default: ar)")
+                   "(default: ar; diffusion with a --diffusion-* flag)")
     d.add_argument("--max-tokens", type=int, default=MAX_TOKENS, metavar="N",
                    help=f"generated-token limit, integer >= 1 (default: {MAX_TOKENS})")
     d.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -77,6 +80,16 @@ def build_parser() -> Parser:
                    f"(at least one per pass; default {DIFFUSION_THRESHOLD}), 'none' for the even "
                    "schedule; linear_spec: draft confidence threshold (default 0: draft the "
                    "whole block in one pass); ignored by ar")
+    d.add_argument("--unmask", choices=UNMASK_POLICIES, default=None,
+                   help="diffusion: which masked slots a denoising pass fills first: confidence "
+                   "(the candidate's probability), margin (top-1 minus top-2 probability), "
+                   "entropy (lowest first), random (order keyed by --seed), leftmost "
+                   "(default: confidence)")
+    d.add_argument("--steps", type=positive_int, default=None, metavar="N",
+                   help="diffusion: denoising passes per block, integer >= 1: each pass unmasks "
+                   "an even share of the block (the quota schedule; no threshold unless "
+                   "--threshold is given, then also every slot reaching it) "
+                   "(default: none, the threshold rule)")
     d.add_argument("--draft-segments", type=segments_arg, default=DRAFT_SEGMENTS, metavar="M|all",
                    help="quadratic_spec: keep draft segments for only the M acceptance outcomes "
                    "nearest the last one, integer >= 1, or 'all' for the full layout "
@@ -92,6 +105,7 @@ def build_parser() -> Parser:
                    "text, token_ids, finish_reason, mode, metrics")
     o.add_argument("--visual", action="store_true", help="live view of the block being denoised "
                    f"or drafted (masks shown as {MASK_GLYPH})")
+    add_llamacpp_args(common)
     parser = Parser(prog="trimode", description="Generate with a tri-mode diffusion LM "
                     "in ar, diffusion, linear_spec or quadratic_spec mode.", epilog=EXAMPLES,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -162,6 +176,7 @@ def _main(argv: list[str] | None) -> int:
         if args.chat_template_kwargs is not None and args.raw:
             raise UsageError("--chat-template-kwargs needs the chat template; drop --raw")
     llm = load(args, stderr)
+    params = resolve_steps(params, args, llm.config.block_size)
     if args.command == "chat":
         if not llm.tokenizer.has_chat_template:
             raise UsageError("this checkpoint has no chat template; use 'trimode generate --raw'")

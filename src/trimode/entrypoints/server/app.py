@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ...decoding.thinking import ThinkTags
-from ...defaults import MAX_TOKENS
+from ...defaults import MAX_TOKENS, UNMASK
 from ...params import MODE_DEFAULT, SamplingParams
 from ...multimodal.image import ImageLimits
 from ...multimodal.prompt import chat_prompt
@@ -247,7 +247,7 @@ def build_app(engine, tokenizer, vocab_size: int, config: ServerConfig, vision=N
             top_p=config.top_p if body.top_p is None else body.top_p, top_k=top_k,
             seed=None if body.seed is None else body.seed + j,
             block_length=body.block_length or config.block_length, threshold=threshold,
-            logprobs=body.n_logprobs(),
+            logprobs=body.n_logprobs(), unmask=body.unmask or UNMASK, steps=body.steps,
             max_thinking_tokens=config.max_thinking_tokens if body.max_thinking_tokens is None
             else body.max_thinking_tokens)
         return _check(lambda: SamplingParams(**kwargs), None)

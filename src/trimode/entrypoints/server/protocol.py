@@ -2,7 +2,7 @@
 
 Follows the OpenAI API reference for ``/v1/completions`` and ``/v1/chat/completions``, plus
 trimode's extras at the top level of the body (``mode``, ``block_length``, ``threshold``,
-``top_k``), which OpenAI clients send through ``extra_body``. Ranges live in the schema, so the
+``unmask``, ``steps``, ``top_k``), which OpenAI clients send through ``extra_body``. Ranges live in the schema, so the
 OpenAPI document states them and a violation is reported before anything runs; NaN and
 infinity are rejected for every number (docs/cases.md B25). Types are strict: a boolean or a
 string is not a number and ``true`` is not a token id (422, as every type mismatch). Every text
@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from ...checkpoint.tokenizer import check_text
 
-from ...defaults import AUTO, DECODING_MODES
+from ...defaults import AUTO, DECODING_MODES, UNMASK_POLICIES
 
 SERVER_MODES = (AUTO,) + DECODING_MODES
 Mode = Literal[SERVER_MODES]  # type: ignore[valid-type]
+Unmask = Literal[UNMASK_POLICIES]  # type: ignore[valid-type]
 MAX_N = 64  # choices per request: each is an engine request holding KV
 MAX_TOP_LOGPROBS = 20
 MAX_BLOCK_LENGTH = 1024
@@ -73,6 +74,10 @@ class _Sampling(BaseModel):
                                      description="trimode: diffusion block / draft window")
     threshold: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
                                     description="trimode: unmask / draft confidence threshold")
+    unmask: Unmask | None = Field(None, description="trimode: diffusion's unmasking order: "
+                                  "confidence (default), margin, entropy, random, leftmost")
+    steps: int | None = Field(None, ge=1, description="trimode: diffusion passes per block (the "
+                              "quota schedule; no threshold unless one is given)")
     max_thinking_tokens: int | None = Field(None, ge=0, description="trimode: at most this many "
                                             "tokens inside <think>, then </think> is forced")
 
