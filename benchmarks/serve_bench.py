@@ -4,6 +4,13 @@ and concurrency, over the OpenAI streaming chat API (async HTTP, httpx).
     python benchmarks/serve_bench.py [--url http://127.0.0.1:8000] [--model M]
         [--modes ar,diffusion,linear_spec,auto] [--concurrency 1,4,16,64]
         [--requests N] [--max-tokens 32] [--block-length 8] [--out benchmarks/sections/serve.md]
+        [--prompts default|mixed] [--rounds N] [--auto-block-length L] [--auto-cost PATH]
+
+Adaptive auto against the fixed exact modes (README "mode auto"; RESULTS.md section):
+
+    python benchmarks/serve_bench.py --modes ar,linear_spec,quadratic_spec,auto \
+        --prompts mixed --rounds 2 --max-batch-size 64 --max-tokens 24 \
+        --out benchmarks/sections/auto.md
 
 Without ``--url`` it starts ``python -m trimode serve`` itself (``--model``, default the
 embedded model; ``--max-batch-size``, ``--threads``) on a free port and stops it at the end.
@@ -13,7 +20,10 @@ clients, streaming, temperature 0, prompts cycled from PROMPTS. Reports output t
 (completion tokens from ``usage`` / wall time of the level), requests/s, time to first
 token (first non-empty content chunk) p50/p95, end-to-end latency p50/p95, and the mean
 tokens_per_forward and the mode mix the server reported. Prints a table and a final JSON
-line; ``--out`` writes the table as markdown.
+line; ``--out`` writes the table as markdown. With ``--rounds N`` each concurrency runs every
+mode once per round, in rotated order, so all modes see the same machine load; with auto and a
+fixed exact mode among ``--modes`` a second table gives auto's tok/s over each fixed mode's.
+The CPU's lscpu model and flags are printed and written.
 """
 
 from __future__ import annotations
@@ -41,14 +51,27 @@ PROMPTS = [
     "List the planets of the solar system.",
     "What is the capital of France? Answer in one sentence.",
 ]
+# --prompts mixed: predictable text (counting, copying, lists: drafts tend to pass) and
+# open-ended text (drafts tend to fail), interleaved so every level sees both
+MIXED = [
+    "Count from 1 to 30 separated by commas.",
+    "Explain why the sky is blue in simple terms.",
+    "Repeat this sentence three times: The quick brown fox jumps over the lazy dog.",
+    "Write a short poem about the sea.",
+    "Write the English alphabet in capital letters separated by spaces.",
+    "Give three tips for staying healthy.",
+    "List the days of the week, one per line.",
+    "What is the capital of France? Answer in one sentence.",
+]
 
 
 async def one(client: httpx.AsyncClient, prompt: str, mode: str, args) -> dict:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "mode": mode}
-    if args.block_length:
-        body["block_length"] = args.block_length
+    block = args.auto_block_length if mode == "auto" else args.block_length
+    if block:
+        body["block_length"] = block
     start = time.perf_counter()
     first = None
     usage = info = None
@@ -68,13 +91,14 @@ async def one(client: httpx.AsyncClient, prompt: str, mode: str, args) -> dict:
                 usage, info = event["usage"], event["trimode"]
     return {"ttft": first if first is not None else time.perf_counter() - start,
             "latency": time.perf_counter() - start, "tokens": usage["completion_tokens"],
-            "mode": info["mode"], "tpf": info["tokens_per_forward"]}
+            "mode": info["mode"], "tpf": info["tokens_per_forward"],
+            "mode_tokens": info.get("mode_tokens", {}), "switches": info.get("mode_switches", 0)}
 
 
 async def level(url: str, mode: str, concurrency: int, n_requests: int, args) -> dict:
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(n_requests):
-        queue.put_nowait(PROMPTS[i % len(PROMPTS)])
+        queue.put_nowait(args.prompt_set[i % len(args.prompt_set)])
     results: list[dict] = []
 
     async def worker(client):
@@ -96,7 +120,9 @@ async def level(url: str, mode: str, concurrency: int, n_requests: int, args) ->
             "ttft_p50_s": round(q(ttft, 50), 3), "ttft_p95_s": round(q(ttft, 95), 3),
             "latency_p50_s": round(q(lat, 50), 3), "latency_p95_s": round(q(lat, 95), 3),
             "tokens_per_forward": round(statistics.mean(r["tpf"] for r in results), 3),
-            "modes_used": dict(Counter(r["mode"] for r in results))}
+            "modes_used": dict(Counter(r["mode"] for r in results)),
+            "mode_tokens": dict(sum((Counter(r["mode_tokens"]) for r in results), Counter())),
+            "mode_switches": sum(r["switches"] for r in results)}
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -107,6 +133,10 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
            "warning", "--max-batch-size", str(args.max_batch_size)]
     if args.model:
         cmd += ["--model", args.model]
+    if args.auto_cost:
+        cmd += ["--auto-cost", args.auto_cost]
+    if args.max_model_len:  # the KV pool is preallocated: max_batch_size rows of this
+        cmd += ["--max-model-len", str(args.max_model_len)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -124,12 +154,63 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start in 300 s")
 
 
+def combine(runs: list[dict]) -> dict:
+    """One row from the rounds of a (mode, concurrency): totals summed, latencies pooled
+    by their means (rounds > 1)."""
+    if len(runs) == 1:
+        return runs[0]
+    out = dict(runs[-1])
+    for key in ("requests", "tokens", "wall_s", "mode_switches"):
+        out[key] = round(sum(r[key] for r in runs), 3)
+    out["tok_per_s"] = round(out["tokens"] / out["wall_s"], 2)
+    out["req_per_s"] = round(out["requests"] / out["wall_s"], 3)
+    for key in ("ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s", "tokens_per_forward"):
+        out[key] = round(statistics.mean(r[key] for r in runs), 3)
+    out["modes_used"] = dict(sum((Counter(r["modes_used"]) for r in runs), Counter()))
+    out["mode_tokens"] = dict(sum((Counter(r["mode_tokens"]) for r in runs), Counter()))
+    return out
+
+
+def cpu_info() -> dict:
+    """lscpu's model name and flags (this machine's, read at run time)."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    return {"model": fields.get("Model name", platform.processor() or "?").strip(),
+            "flags": fields.get("Flags", "?").strip()}
+
+
+def compare(rows: list[dict], cpu: dict) -> str:
+    """auto against each fixed exact mode, per concurrency (ratios of tok/s measured in
+    the same interleaved rounds), or nothing when auto or the fixed modes were not run."""
+    fixed = [m for m in ("ar", "linear_spec", "quadratic_spec") if any(r["mode"] == m for r in rows)]
+    autos = {r["concurrency"]: r for r in rows if r["mode"] == "auto"}
+    if not autos or not fixed:
+        return ""
+    lines = ["", "### Adaptive auto against each fixed exact mode", "",
+             "| concurrency | " + " | ".join(f"{m} tok/s" for m in fixed) + " | auto tok/s | "
+             "auto / best fixed | auto's tokens by mode | switches |",
+             "|---:|" + "---:|" * (len(fixed) + 2) + "---|---:|"]
+    for c, a in sorted(autos.items()):
+        speeds = {r["mode"]: r["tok_per_s"] for r in rows if r["concurrency"] == c and r["mode"] in fixed}
+        best = max(speeds.values())
+        used = ", ".join(f"{k} {v}" for k, v in sorted(a.get("mode_tokens", {}).items()))
+        lines.append(f"| {c} | " + " | ".join(str(speeds.get(m, "")) for m in fixed) +
+                     f" | {a['tok_per_s']} | {a['tok_per_s'] / best:.3f} | {used} | "
+                     f"{a.get('mode_switches', 0)} |")
+    lines += ["", f"CPU (lscpu): {cpu['model']}. Flags: `{cpu['flags']}`.", ""]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict], args, server: str) -> str:
     lines = [
         "## Serving (`trimode serve`, OpenAI streaming chat API)", "",
         f"Date: {time.strftime('%Y-%m-%d')}. Server: {server}. Greedy, `max_tokens` "
         f"{args.max_tokens}, block_length {args.block_length or 'checkpoint default'}, "
-        f"prompts cycled from the {len(PROMPTS)} in `benchmarks/serve_bench.py`, streaming with "
+        f"prompts cycled from the {len(args.prompt_set)} of `--prompts {args.prompts}` in "
+        "`benchmarks/serve_bench.py`, streaming with "
         "`include_usage`. tok/s = completion tokens / wall time of the level; TTFT = first "
         "non-empty content chunk; latency = request start to `[DONE]`.", "",
         "| mode | concurrency | requests | tok/s | req/s | TTFT p50 s | TTFT p95 s | latency p50 s "
@@ -157,6 +238,15 @@ def main() -> None:
                     "script starts (default 1: on a shared 2-core machine a second thread "
                     "mostly waits for the core another process holds)")
     ap.add_argument("--modes", default="ar,diffusion,linear_spec,auto")
+    ap.add_argument("--prompts", choices=["default", "mixed"], default="default",
+                    help="mixed: predictable and open-ended prompts interleaved (MIXED)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds: per concurrency, "
+                    "every mode runs once per round (order rotated), totals summed")
+    ap.add_argument("--auto-block-length", type=int, default=None,
+                    help="block_length sent with mode auto (default: none, auto picks)")
+    ap.add_argument("--auto-cost", default=None, help="the started server's --auto-cost")
+    ap.add_argument("--max-model-len", type=int, default=512, help="the started server's "
+                    "(default 512: a 64-row KV pool of 4096 positions would take 13 GB)")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=None, help="per level (default max(C, 8))")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -164,26 +254,34 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     args = ap.parse_args()
+    args.prompt_set = MIXED if args.prompts == "mixed" else PROMPTS
+    cpu = cpu_info()
+    print(f"CPU: {cpu['model']}; flags: {cpu['flags']}", flush=True)
     proc = None
     url = args.url
     if url is None:
         proc, url = start_server(args)
     model = args.model or "embedded SmolLM2-135M-Instruct"
     server = url if args.url else (f"started here (model {model}, fp32 CPU, max_batch_size "
-                                   f"{args.max_batch_size}, OMP_NUM_THREADS={args.threads})")
+                                   f"{args.max_batch_size}, max_model_len {args.max_model_len}, "
+                                   f"OMP_NUM_THREADS={args.threads})")
     rows = []
     try:
         asyncio.run(level(url, "ar", 1, 2, args))  # warm-up
-        for mode in args.modes.split(","):
-            for c in map(int, args.concurrency.split(",")):
-                row = asyncio.run(level(url, mode, c, args.requests or max(c, 8), args))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        modes = args.modes.split(",")
+        for c in map(int, args.concurrency.split(",")):
+            runs: dict[str, list[dict]] = {m: [] for m in modes}
+            for r in range(args.rounds):  # interleaved: every mode sees the same load
+                for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+                    row = asyncio.run(level(url, mode, c, args.requests or max(c, 8), args))
+                    runs[mode].append(row)
+                    print(json.dumps(row), flush=True)
+            rows += [combine(runs[m]) for m in modes]
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
-    text = markdown(rows, args, server)
+    text = markdown(rows, args, server) + compare(rows, cpu)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,22 @@ class Drafter:
         return out
 
 
+class ScheduleDrafter:
+    """Drafts right or wrong on a schedule: the proposal for absolute position ``pos`` (the
+    cached prefix counts from 0) is the AR rollout when ``ok(pos)``, ``WRONG`` otherwise.
+    Also read by ``StubModel.fused`` (quadratic_spec's draft segments)."""
+
+    def __init__(self, ok: Callable[[int], bool]):
+        self.ok = ok
+
+    def __call__(self, model: "StubModel", prefix: list[int], block: list[int]) -> torch.Tensor:
+        guess = [block[0]] + rollout(model.lm, prefix + block[:1], len(block) - 1)
+        out = torch.zeros(len(block), model.vocab)
+        for i, tok in enumerate(guess):
+            out[i, tok if i == 0 or self.ok(len(prefix) + i) else WRONG] = logit_for(0.9, model.vocab)
+        return out
+
+
 PERFECT = Drafter()
 ADVERSARIAL = Drafter(right=0)
 PARTIAL3 = Drafter(right=3)
@@ -299,6 +315,9 @@ class StubModel:
             guess = rollout(self.lm, prefix + seen, steps)[-1]
             right = getattr(self.drafter, "right", None)
             wrong = right is not None and steps - 1 > right
+            ok = getattr(self.drafter, "ok", None)
+            if ok is not None:
+                wrong = not ok(len(prefix) + int(offsets[t]))
             out[t, WRONG if wrong else guess] = logit_for(0.9, self.vocab)
         return out
 

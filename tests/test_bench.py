@@ -252,6 +252,10 @@ def test_bench_cli_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     assert (out / "tokens_per_forward.png").stat().st_size > 0
     assert (out / "tokens_per_s_vs_batch.png").stat().st_size > 0
     assert json.loads((out / "crossover.json").read_text())["modes"]
+    from trimode.engine import AdaptivePolicy
+
+    cost = AdaptivePolicy.from_bench(out / "crossover.json").cost  # written next to it
+    assert {r for r, _, _ in cost.points} == {1, 2} and cost.seconds(2, 8) > 0
     _check_results_page(json.loads((out / "result.json").read_text()))
 
 

@@ -76,11 +76,13 @@ def test_answer_streams_as_committed(tiny_llm, monkeypatch, mode):
 
 def test_json_and_summary_report_the_mode_that_ran(tiny_llm, monkeypatch, capsys):
     params = SamplingParams(mode="auto", max_tokens=4)
-    run_one(tiny_llm, "w5", params, args(json=True), stderr_console(), raw=True)
-    assert json.loads(capsys.readouterr().out)["mode"] == "linear_spec"  # auto at load 1
+    out = run_one(tiny_llm, "w5", params, args(json=True), stderr_console(), raw=True)
+    # auto reports the exact mode that committed most of the tokens
+    assert json.loads(capsys.readouterr().out)["mode"] == out.mode
+    assert out.mode in ("ar", "linear_spec", "quadratic_spec")
     err = stderr_console()
-    run_one(tiny_llm, "w5", params, args(), err, raw=True)
-    assert err.file.getvalue().startswith("linear_spec · ")
+    out = run_one(tiny_llm, "w5", params, args(), err, raw=True)
+    assert err.file.getvalue().startswith(out.mode + " · ")
 
 
 def test_visual_without_a_terminal_says_so(tiny_llm, capsys):

@@ -190,13 +190,15 @@ def test_chat_context_error_names_max_tokens(server):
 
 
 def test_metrics_count_the_mode_that_ran(server):
-    """mode auto on the tiny checkpoint runs linear_spec at low load: every counter says so."""
+    """mode auto counts under the exact mode that committed most of its tokens: every
+    counter says the same."""
     url, _, _ = server
     r = post(url, prompt="w5 w6", max_tokens=3, mode="auto")
-    assert r.status_code == 200 and r.json()["trimode"]["mode"] == "linear_spec"
+    ran = r.json()["trimode"]["mode"]
+    assert r.status_code == 200 and ran in ("ar", "linear_spec", "quadratic_spec")
     text = httpx.get(url + "/metrics").text
-    assert 'trimode_prompt_tokens_total{mode="linear_spec"}' in text
-    assert 'trimode_requests_total{endpoint="completions",mode="linear_spec",status="200"}' in text
+    assert f'trimode_prompt_tokens_total{{mode="{ran}"}}' in text
+    assert f'trimode_requests_total{{endpoint="completions",mode="{ran}",status="200"}}' in text
     assert 'trimode_prompt_tokens_total{mode="auto"}' not in text
     assert 'mode="auto",status="200"' not in text  # only refused requests keep "auto"
 

@@ -39,6 +39,12 @@ class RequestMetrics:
     latency_s: wall-clock seconds from the request's arrival to its end.
     ttft_s: wall-clock seconds from the request's arrival to its first committed token
         (a stop token counts).
+    draft_proposed / draft_accepted: per draft slot i (index i - 1), how many verifies
+        checked a draft there and how many accepted it (slot i is accepted only if slots
+        1 .. i-1 were).
+    mode_drafts: per mode, [drafts proposed, drafts accepted]; ``acceptance_rate`` divides.
+    mode_tokens: generated tokens per mode that committed them (``auto`` switches).
+    mode_switches: times the ``auto`` controller changed the request's mode or block length.
     """
 
     nfe: int = 0
@@ -47,16 +53,43 @@ class RequestMetrics:
     latency_s: float = 0.0
     ttft_s: float | None = None
     trace: list[ForwardTrace] | None = None
+    draft_proposed: list[int] = field(default_factory=list)
+    draft_accepted: list[int] = field(default_factory=list)
+    mode_drafts: dict[str, list[int]] = field(default_factory=dict)
+    mode_tokens: dict[str, int] = field(default_factory=dict)
+    mode_switches: int = 0
 
     @property
     def tokens_per_forward(self) -> float:
         return self.generated_tokens / self.nfe if self.nfe else 0.0
 
+    @property
+    def acceptance_rate(self) -> dict[str, float]:
+        """Per mode that drafted: accepted / proposed drafts."""
+        return {m: a / p for m, (p, a) in self.mode_drafts.items() if p}
+
+    def note_verify(self, mode: str, drafts: int, accepted: int) -> None:
+        """Count one verify of ``drafts`` drafts, the first ``accepted`` of them accepted."""
+        grow = drafts - len(self.draft_proposed)
+        if grow > 0:
+            self.draft_proposed += [0] * grow
+            self.draft_accepted += [0] * grow
+        for i in range(drafts):
+            self.draft_proposed[i] += 1
+            self.draft_accepted[i] += i < accepted
+        counts = self.mode_drafts.setdefault(mode, [0, 0])
+        counts[0] += drafts
+        counts[1] += accepted
+
     def to_dict(self) -> dict:
         out = {"nfe": self.nfe, "generated_tokens": self.generated_tokens,
                "tokens_per_forward": round(self.tokens_per_forward, 4),
                "acceptance_length": self.acceptance_length, "latency_s": round(self.latency_s, 4),
-               "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4)}
+               "ttft_s": None if self.ttft_s is None else round(self.ttft_s, 4),
+               "draft_slots": {"proposed": list(self.draft_proposed),
+                               "accepted": list(self.draft_accepted)},
+               "acceptance_rate": {m: round(r, 4) for m, r in self.acceptance_rate.items()},
+               "mode_tokens": dict(self.mode_tokens), "mode_switches": self.mode_switches}
         if self.trace is not None:
             out["trace"] = [{"kind": t.kind, "positions": list(t.positions), "tokens": list(t.tokens)}
                             for t in self.trace]

@@ -150,5 +150,16 @@ def run(args) -> int:
         (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         report.plot(result, out)
         report.write_crossover(result, out / "crossover.json")
+        _write_cost(llm, config.batch_sizes, out / "forward_cost.json", stderr)
     print(report.json_line(result), flush=True)
     return 0
+
+
+def _write_cost(llm, batch_sizes, path: Path, stderr) -> None:
+    """``forward_cost.json`` next to ``crossover.json``: the curve ``mode="auto"`` plans with
+    (``trimode serve --auto-cost DIR``)."""
+    from .forward_cost import cost_curve
+
+    with stderr.status("measuring the forward-cost curve"):
+        curve = cost_curve(llm.model, sorted(set(batch_sizes)))
+    path.write_text(json.dumps(curve, indent=1) + "\n")

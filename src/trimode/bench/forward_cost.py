@@ -94,6 +94,17 @@ def forward_cost(model, prefix: int = 128, widths=WIDTHS, batch_size: int = 1,
     return rows
 
 
+def cost_curve(model, batch_sizes, widths=(1, 2, 4, 8, 16, 32), prefix: int = 64,
+                repeats: int = 3) -> dict:
+    """The forward-cost curve ``mode="auto"`` plans with (``engine.ForwardCost.load`` reads
+    it): ``forward_cost`` at each batch size, as ``{"forward_cost": [...], "widths",
+    "prefix"}``."""
+    rows = []
+    for b in batch_sizes:
+        rows += forward_cost(model, prefix, widths, b, repeats)
+    return {"forward_cost": rows, "widths": list(widths), "prefix": prefix}
+
+
 def decode_speed(model, mode: str, batch_size: int, max_tokens: int, block_length: int,
                  prompt_length: int = 64, seed: int = 0) -> dict:
     """tokens/s, nfe and tokens_per_forward of one batch of random prompts, stops off."""

@@ -28,12 +28,13 @@ ADAPTER_DIR = Path(__file__).parent.parent / "weights" / "smollm2-tri"
 
 
 def default_auto_policy():
-    """``mode="auto"`` for the embedded model: ``ar`` at every load. Measured with the shipped
-    adapter on the 2-core CPU (benchmarks/RESULTS.md, "Engine"): ar's tokens/s beat every
-    parallel mode at concurrency 1, 4, 16 and 64, so the parallel modes never pay here."""
-    from ..engine import AutoPolicy
+    """``mode="auto"`` for the embedded model: the per-step controller planning with the
+    forward-cost curve shipped next to the adapter (``forward_cost.json``: fp32, one thread,
+    measured on a shared 2-core EPYC; ``trimode bench --out DIR`` measures yours, and
+    ``trimode serve --auto-cost DIR`` uses it)."""
+    from ..engine import AdaptivePolicy, ForwardCost
 
-    return AutoPolicy("linear_spec", max_parallel_batch=0)
+    return AdaptivePolicy(cost=ForwardCost.load(ADAPTER_DIR / "forward_cost.json"))
 
 
 def shipped_adapter() -> Path | None:

@@ -26,6 +26,12 @@ class ARStrategy(Strategy):
     def apply(self, seq: Sequence, result: Result) -> None:
         self._emit(seq, result, "ar")
 
+    def boundary(self, seq: Sequence) -> int | None:
+        return self.pending_token
+
+    def resume(self, seq: Sequence, token: int) -> None:
+        self.pending_token = token
+
     def _emit(self, seq: Sequence, result: Result, kind: str) -> None:
         self.pending_token = seq.take(result)
         seq.record(kind, [len(seq.generated)], [self.pending_token])

@@ -54,6 +54,13 @@ class LinearSpecStrategy(Strategy):
         seq.commit([seed])
         self._new_block(seq, seed)
 
+    def boundary(self, seq: Sequence) -> int | None:
+        fresh = all(t == seq.mask_token_id for t in self.block[1:])
+        return self.block[0] if fresh and (self.phase == "draft" or len(self.block) == 1) else None
+
+    def resume(self, seq: Sequence, token: int) -> None:
+        self._new_block(seq, token)
+
     def _new_block(self, seq: Sequence, seed: int) -> None:
         length = max(1, min(seq.block_length, seq.remaining))
         self.block = [seed] + [seq.mask_token_id] * (length - 1)

@@ -77,6 +77,13 @@ class QuadraticSpecStrategy(Strategy):
         self.last_accepted = seq.block_length - 1
         self._new_cycle(seq, seed, drafts=[], draft_log_probs=None)
 
+    def boundary(self, seq: Sequence) -> int | None:
+        return self.block[0]  # every forward is a whole cycle
+
+    def resume(self, seq: Sequence, token: int) -> None:
+        self.last_accepted = seq.block_length - 1
+        self._new_cycle(seq, token, drafts=[], draft_log_probs=None)
+
     def _new_cycle(self, seq: Sequence, seed: int, drafts: list[int],
                    draft_log_probs: torch.Tensor | None) -> None:
         length = max(1, min(1 + len(drafts), seq.remaining))

@@ -53,6 +53,8 @@ class Sequence:
     image_features: torch.Tensor | None = None
     image_pad_id: int | None = None
     share_keys: list | None = None
+    # mode="auto" under the adaptive policy: the controller's state (engine/controller.py)
+    auto = None
     # the thinking budget (thinking.py), when the request has max_thinking_tokens
     thinking: Thinking | None = None
 
@@ -73,6 +75,7 @@ class Sequence:
         self.metrics = RequestMetrics(trace=[] if params.trace else None)
         self.rollback = 0  # cache slots the loop must drop after this step (docs/spec.md 5.1 crop)
         self.verifies = 0
+        self.last_verify: tuple[str, int, int] | None = None  # (mode, drafts, accepted)
         self.strategy = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self._noted: dict[int, TokenLogprob] = {}
@@ -121,7 +124,22 @@ class Sequence:
                 self.thinking.commit(tok)
             if len(self.generated) >= self.params.max_tokens:
                 self.finish_reason = "length"
+        if used:
+            tokens = self.metrics.mode_tokens
+            tokens[self.params.mode] = tokens.get(self.params.mode, 0) + used
         return used
+
+    @property
+    def mode_ran(self) -> str:
+        """The mode that committed most of the tokens (``auto`` may switch; the current mode
+        before any token)."""
+        tokens = self.metrics.mode_tokens
+        return max(tokens, key=tokens.get) if tokens else self.params.mode
+
+    def note_verify(self, drafts: int, accepted: int) -> None:
+        """A verify checked ``drafts`` drafts and accepted the first ``accepted``."""
+        self.metrics.note_verify(self.params.mode, drafts, accepted)
+        self.last_verify = (self.params.mode, drafts, accepted)
 
     def need(self, slots: list[int], **kw) -> Need:
         """What this request needs from its next forward's logits at ``slots`` (see

@@ -58,6 +58,20 @@ class Strategy(ABC):
     def apply(self, seq: Sequence, result: Result) -> None:
         """Consume the selection of ``need``."""
 
+    # ---------------------------------------------------------------- switching (auto)
+
+    def boundary(self, seq: Sequence) -> int | None:
+        """The pending token (the last one committed, whose KV no forward has written yet)
+        when the request is between two cycles and may change mode; None mid-cycle or for
+        a mode that cannot hand over (diffusion). Drafts not yet verified are dropped on a
+        switch (they never reach the output)."""
+        return None
+
+    def resume(self, seq: Sequence, token: int) -> None:
+        """Start this mode's first cycle after ``token`` (``boundary``'s, of the mode it
+        replaces), as ``begin`` does after the prefill's choice."""
+        raise NotImplementedError(f"{self.mode} cannot take over a running request")
+
     def start(self, seq: Sequence, logits: torch.Tensor) -> None:
         """``begin`` from the prefill's last logits ``[1, V]``."""
         self.begin(seq, select_rows(logits[-1:], [seq.need_next(0)], seq.mask_token_id)[0])

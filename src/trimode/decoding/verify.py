@@ -38,6 +38,7 @@ def accept(seq: Sequence, block: list[int], result: Result) -> list[int]:
     used = seq.commit(accepted)
     seq.record("verify", list(range(start, start + used)), accepted[:used])
     seq.verifies += 1
+    seq.note_verify(len(block) - 1, len(accepted) - 1)
     return accepted
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import defaults
-from .auto import AutoPolicy
+from .auto import AdaptivePolicy, AutoPolicy
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class EngineConfig:
     min_shared_prefix: the prefix cache: a new request whose text starts with at least this
         many tokens of full cached pages (KV committed by any earlier or running request,
         kept until evicted) reads them instead of prefilling them; 0 turns the cache off.
-    auto: the policy for ``mode="auto"``.
+    auto: the policy for ``mode="auto"``: ``AdaptivePolicy`` (per step, the default) or
+        ``AutoPolicy`` (once, at admission, from the load).
     cuda_graphs: on CUDA, replay captured graphs of the decode forward (``cuda_graphs.py``);
         False runs every forward eagerly. No effect on CPU.
     """
@@ -44,7 +45,7 @@ class EngineConfig:
     scratch_tokens: int = 256
     page_size: int = field(default_factory=lambda: defaults.PAGE_SIZE)
     min_shared_prefix: int = defaults.MIN_SHARED_PREFIX
-    auto: AutoPolicy = field(default_factory=AutoPolicy)
+    auto: AdaptivePolicy | AutoPolicy = field(default_factory=AdaptivePolicy)
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
@@ -57,8 +58,8 @@ class EngineConfig:
         check_int("min_shared_prefix", self.min_shared_prefix, 0)
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False; got {self.cuda_graphs!r}")
-        if not isinstance(self.auto, AutoPolicy):
-            raise ValueError(f"auto must be an AutoPolicy; got {self.auto!r}")
+        if not isinstance(self.auto, (AdaptivePolicy, AutoPolicy)):
+            raise ValueError(f"auto must be an AdaptivePolicy or an AutoPolicy; got {self.auto!r}")
 
 
 def check_int(name: str, value: object, low: int) -> None:

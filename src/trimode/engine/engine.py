@@ -52,6 +52,9 @@ from .model_runner import DecodingModel
 from .prefix import PrefixCache
 from .request import RequestUpdate
 from .scheduler import Scheduler
+from .auto import AdaptivePolicy
+from .controller import Controller
+from .step_stats import RunningAcceptance, StepRecord
 
 log = logging.getLogger("trimode.engine")
 
@@ -95,6 +98,11 @@ class Engine:
         # exactly this many drafts, so random-weight runs see a realistic acceptance
         self.forced_acceptance: int | None = None
         self.graphs = None  # captured decode forwards (CUDA only; EngineConfig.cuda_graphs)
+        adaptive = isinstance(self.config.auto, AdaptivePolicy)
+        self.controller = Controller(self.config.auto) if adaptive else None
+        self.step_observers: list[Callable[[StepRecord], None]] = []  # called after each step
+        self.acceptance = RunningAcceptance()  # engine-wide, per mode
+        self.last_step: StepRecord | None = None
         if self.config.cuda_graphs and torch.device(model.device).type == "cuda":
             from .cuda_graphs import GraphRunner
 
@@ -156,9 +164,26 @@ class Engine:
         if params.max_thinking_tokens is not None and self.think_tags is None:
             raise ParamError("max_thinking_tokens needs a tokenizer that spells <think> and "
                              "</think> (this checkpoint's does not)", "max_thinking_tokens")
+        if params.mode == AUTO and self.controller is not None:
+            self._check_fits(prompt_ids, replace(params, mode="ar"))
+            return  # options that do not fit are left out (auto_options)
         modes = self.config.auto.candidates if params.mode == AUTO else (params.mode,)
         for mode in modes:
             self._check_fits(prompt_ids, replace(params, mode=mode))
+
+    def auto_options(self, prompt_ids: list[int], params: SamplingParams) -> list[tuple[str, int]]:
+        """The (mode, block_length) pairs an adaptive auto request may run: the policy's,
+        less those whose params or sizes this engine refuses (ar always fits: validate)."""
+        options = []
+        for mode, block in self.controller.policy.configs(params.block_length):
+            try:
+                resolved = replace(params, mode=mode, block_length=block if mode != "ar"
+                                   else params.block_length)
+                self._check_fits(prompt_ids, resolved, block)
+            except ValueError:
+                continue
+            options.append((mode, block))
+        return options or [("ar", params.block_length or self.model.config.block_size)]
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request: a waiting one leaves the queue, a running one is finished
@@ -231,13 +256,15 @@ class Engine:
         lps = None if seq.logprobs is None else seq.logprobs[seq.emitted:]
         seq.emitted = len(seq.generated)
         return RequestUpdate(seq.request_id, list(new), lps, list(seq.generated), seq.finished,
-                             seq.finish_reason, seq.params.mode, seq.metrics, seq.error)
+                             seq.finish_reason, seq.mode_ran, seq.metrics, seq.error)
 
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestUpdate]:
         """Admit what fits, prefill it, run one decode forward; return the updates of every
         request that committed tokens or ended in this step."""
+        began = time.perf_counter()
+        record = StepRecord()
         touched: dict[str, Sequence] = {}
         preempted = self.scheduler.reserve()
         admitted = [] if preempted else self.scheduler.admit(self._resolve)
@@ -249,20 +276,52 @@ class Engine:
             self._recompute(resumed)
         if fresh:
             steps = [prefill_step(s, self.pool.length(s.row), self.model) for s in fresh]
+            record.rows, record.query_tokens = len(steps), sum(len(s.tokens) for s in steps)
             self._run(steps, fresh, fresh[0].row, prefill=True)
             touched.update((s.request_id, s) for s in fresh)
         decoding = [s for s in self.running if not s.finished and s not in admitted]
         if decoding:
+            if self.controller is not None:  # auto rows between cycles may switch mode
+                self.controller.plan(decoding)
+                record.switches = self.controller.switches
+                self.scheduler.reserve()  # a new mode may write more scratch: its pages
+                decoding = [s for s in decoding if s.row >= 0]  # minus those preempted
+        if decoding:
             # rows of decoding requests are 0 .. k-1 only if no admitted row sits in between;
             # admitted rows are the last ones, so the decode forward covers rows 0 .. k-1.
-            self._run([s.strategy.next_step(s) for s in decoding], decoding, 0, prefill=False)
+            steps = [s.strategy.next_step(s) for s in decoding]
+            record.rows += len(steps)
+            record.query_tokens += sum(len(s.tokens) for s in steps)
+            self._run(steps, decoding, 0, prefill=False)
+            self._observe(decoding, record)
             touched.update((s.request_id, s) for s in decoding)
         self.steps += 1
+        record.duration_s = time.perf_counter() - began
+        self.last_step = record
+        for observer in self.step_observers:
+            observer(record)
         return [u for s in touched.values() if (u := self.take_update(s)) is not None]
 
+    def _observe(self, seqs: list[Sequence], record: StepRecord) -> None:
+        """Count this decode step's verifies (step record, running acceptance, controller)."""
+        for s in seqs:
+            if s.last_verify is not None:
+                record.add_verify(*s.last_verify)
+                self.acceptance.add(*s.last_verify)
+        if self.controller is not None:
+            self.controller.observe(seqs)
+        for s in seqs:
+            s.last_verify = None
+
     def _resolve(self, seq: Sequence, mode: str) -> Sequence:
-        """An auto request as the Sequence of ``mode`` (same id, seed and arrival)."""
-        return self._sequence(seq.prompt_ids, replace(seq.params, mode=mode), seq)
+        """An auto request as the Sequence of ``mode`` (same id, seed and arrival); under
+        the adaptive policy it starts in ar and the controller takes it from there."""
+        if self.controller is None:
+            return self._sequence(seq.prompt_ids, replace(seq.params, mode=mode), seq)
+        resolved = self._sequence(seq.prompt_ids, replace(seq.params, mode="ar"), seq)
+        self.controller.attach(resolved, self.auto_options(seq.prompt_ids, seq.params),
+                               seq.params)
+        return resolved
 
     def _recompute(self, seqs: list[Sequence]) -> None:
         """Write the KV of preempted requests again: one causal prefill of their text from

@@ -33,4 +33,4 @@ class RequestUpdate:
 
 def to_output(seq: Sequence, prompt: str | None, text: str) -> RequestOutput:
     return RequestOutput(prompt, seq.prompt_ids, text, list(seq.generated), seq.finish_reason,
-                         seq.metrics, seq.params.mode, seq.logprobs, seq.error)
+                         seq.metrics, seq.mode_ran, seq.logprobs, seq.error)

@@ -27,6 +27,8 @@ from .prefix import PrefixCache
 
 def step_width(seq: Sequence) -> int:
     """The widest step a request can ask for (its share of the token budget)."""
+    if seq.auto is not None:  # auto may switch to its widest option
+        return seq.auto.widest
     p = seq.params
     return strategy_class(p.mode).step_width(seq.block_length, p.max_tokens, p.draft_segments)
 
@@ -89,7 +91,7 @@ class Scheduler:
                 # the load it joins: everyone running plus the queue (itself included), so
                 # a burst of arrivals is seen as the batch it is about to become
                 load = min(len(self.running) + len(self.waiting), self.pool.rows)
-                seq = resolve(seq, self.config.auto.choose(load))
+                seq = resolve(seq, self.config.auto.choose(load))  # adaptive: starts in ar
             # at least one token is left to prefill (a new prompt's logits start decoding)
             target = seq.resume or len(seq.prompt_ids)
             pages, chain = self.prefix.match(seq, target - 1)

@@ -19,7 +19,7 @@ import torch
 
 from ..decoding.sequence import Sequence
 from ..decoding.thinking import ThinkTags, split
-from ..engine import AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
+from ..engine import AdaptivePolicy, AutoPolicy, Engine, EngineConfig, RequestUpdate, to_output
 from ..checkpoint.loader import load_model
 from ..multimodal.image import ImageLimits
 from ..multimodal.prompt import chat_prompt, check_tokenizer
@@ -51,7 +51,8 @@ class LLM:
     prefix_cache: keep full pages of committed KV after a request ends, for later requests
         that start with the same text (``EngineConfig.min_shared_prefix``); False: off.
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
-    auto: the ``mode="auto"`` policy (``engine.AutoPolicy``).
+    auto: the ``mode="auto"`` policy: ``AdaptivePolicy`` (per-step controller, the default)
+        or ``AutoPolicy`` (at admission, from the load).
     quantization: None/"none", "int8", "int4" or "auto": weight-only int8/int4 linear layers on
         PyTorch's CPU kernels (``trimode.quant``); GGUF Q4_0/Q4_1/Q4_K blocks load exactly as
         int4 (the embedded model's own Q4_1 file included); "auto" follows the GGUF's type.
@@ -71,7 +72,7 @@ class LLM:
                  draft_adapter: str | os.PathLike | bool | None = None,
                  max_batch_size: int = 16, progress: bool = True, max_model_len: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
-                 auto: AutoPolicy | None = None, cuda_graphs: bool = True,
+                 auto: AdaptivePolicy | AutoPolicy | None = None, cuda_graphs: bool = True,
                  quantization: str | None = None, tensor_parallel_size: int = 1,
                  distributed=None, page_size: int | None = None, prefix_cache: bool = True):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -88,7 +89,7 @@ class LLM:
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
                                      kv_cache_memory=kv_cache_memory, **pages,
                                      max_num_batched_tokens=max_num_batched_tokens,
-                                     auto=auto or AutoPolicy(), cuda_graphs=cuda_graphs)
+                                     auto=auto or AdaptivePolicy(), cuda_graphs=cuda_graphs)
         from ..quant import check_scheme
 
         quantization = check_scheme(quantization)

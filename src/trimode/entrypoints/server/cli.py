@@ -52,7 +52,12 @@ def add_serve_parser(sub) -> None:
                    help="mode 'auto' uses the parallel mode while running + queued requests "
                    "<= N, ar beyond; 0: always ar")
     s.add_argument("--auto-crossover", default=None, metavar="PATH",
-                   help="take the auto policy from a crossover.json written by `trimode bench`")
+                   help="mode 'auto' picks once, at admission, by the crossover.json written "
+                   "by `trimode bench`")
+    s.add_argument("--auto-cost", default=None, metavar="PATH",
+                   help="mode 'auto' (the per-step controller, the default) plans with this "
+                   "forward-cost curve: the forward_cost.json `trimode bench --out DIR` writes, "
+                   "or DIR (default: the model's shipped curve, else a built-in one)")
     s.add_argument("--reasoning-parser", choices=["think"], default=None,
                    help="think: chat replies carry the <think> ... </think> part as "
                    "reasoning_content (message and stream deltas), the rest as content")
@@ -83,7 +88,8 @@ def add_serve_parser(sub) -> None:
                    "local one)")
     d = p.add_argument_group("request defaults (used when a request omits the field)")
     d.add_argument("--mode", choices=MODES, default="auto",
-                   help="auto picks a mode per request from the load (default: auto)")
+                   help="auto switches each request among the exact modes every step, for "
+                   "the best expected tokens/s (default: auto)")
     d.add_argument("--max-tokens", type=int, default=MAX_TOKENS, metavar="N",
                    help=f"generated-token limit, integer >= 1 (default: {MAX_TOKENS})")
     d.add_argument("--temperature", type=float, default=1.0, metavar="T",
@@ -220,11 +226,22 @@ def build_server(args: argparse.Namespace):
 
 
 def auto_policy(args: argparse.Namespace):
-    """The AutoPolicy the --auto-* flags ask for, or None (the LLM's default). Raises
+    """The auto policy the --auto-* flags ask for, or None (the LLM's default). Raises
     UsageError for bad values."""
     from ..cli.common import UsageError
-    from ...engine import AutoPolicy
+    from ...engine import AdaptivePolicy, AutoPolicy
 
+    cost = getattr(args, "auto_cost", None)
+    if cost is not None:
+        if any(getattr(args, f) is not None for f in ("auto_crossover", "auto_parallel_mode",
+                                                      "auto_max_parallel_batch")):
+            raise UsageError("--auto-cost (the per-step controller) and --auto-crossover / "
+                             "--auto-parallel-mode / --auto-max-parallel-batch (a mode picked "
+                             "at admission) exclude each other; give one")
+        try:
+            return AdaptivePolicy.from_bench(cost)
+        except ValueError as exc:
+            raise UsageError(f"--auto-cost: {exc}") from None
     if args.auto_crossover is not None:
         if args.auto_parallel_mode is not None or args.auto_max_parallel_batch is not None:
             raise UsageError("--auto-crossover replaces --auto-parallel-mode and "

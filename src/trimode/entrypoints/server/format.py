@@ -46,7 +46,17 @@ class Choice:
         m = self.metrics
         return {"mode": self.mode, "nfe": getattr(m, "nfe", 0),
                 "tokens_per_forward": round(getattr(m, "tokens_per_forward", 0.0), 4),
-                "acceptance_length": _round(getattr(m, "acceptance_length", None))}
+                "acceptance_length": _round(getattr(m, "acceptance_length", None)),
+                **step_metrics(m)}
+
+
+def step_metrics(m) -> dict:
+    """Per draft slot proposed / accepted, per-mode acceptance, tokens and switches."""
+    if not hasattr(m, "draft_proposed"):
+        return {}
+    return {"draft_slots": {"proposed": list(m.draft_proposed), "accepted": list(m.draft_accepted)},
+            "acceptance_rate": {k: round(v, 4) for k, v in m.acceptance_rate.items()},
+            "mode_tokens": dict(m.mode_tokens), "mode_switches": m.mode_switches}
 
 
 def _round(x):
@@ -133,6 +143,11 @@ def summary(choices: list[Choice]) -> dict:
     generated = sum(m.generated_tokens for m in ms)
     accepted = [m.acceptance_length for m in ms if m.acceptance_length is not None]
     modes = sorted({c.mode for c in choices if c.mode})
+    tokens: dict[str, int] = {}
+    for m in ms:
+        for mode, n in getattr(m, "mode_tokens", {}).items():
+            tokens[mode] = tokens.get(mode, 0) + n
     return {"mode": modes[0] if len(modes) == 1 else modes, "nfe": nfe,
             "tokens_per_forward": round(generated / nfe, 4) if nfe else 0.0,
-            "acceptance_length": round(sum(accepted) / len(accepted), 4) if accepted else None}
+            "acceptance_length": round(sum(accepted) / len(accepted), 4) if accepted else None,
+            "mode_tokens": tokens, "mode_switches": sum(getattr(m, "mode_switches", 0) for m in ms)}
