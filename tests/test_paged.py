@@ -172,3 +172,15 @@ def test_two_hundred_random_arrivals_never_overrun_the_pool_and_equal_solo_runs(
     assert stats["prefix_cache_hits"] > 0 and stats["kv_page_evictions"] > 0
     for k, (_, prompt, params) in enumerate(arrivals):
         assert engine.output(ids[k]).generated == solo(prompt, params), k
+
+
+def test_auto_requests_switching_modes_under_a_small_pool_equal_ar():
+    """The adaptive auto controller may switch a request to a mode with more scratch between
+    cycles: the engine reserves that mode's pages (preempting if it must) before the forward."""
+    prompts = [[5 + k, 6, 7, 8, 9, 10 + k] for k in range(4)]
+    want = [solo(p, params_for("ar"), None) for p in prompts]
+    engine = engine_with_pages(stub(None), pages=16, max_num_seqs=4, min_shared_prefix=0)
+    ids = [engine.add_request(p, SamplingParams(mode="auto", max_tokens=12)) for p in prompts]
+    finish(engine, check_pages)
+    assert [engine.output(i).generated for i in ids] == want
+    assert engine.stats()["kv_pages_used"] == 0
