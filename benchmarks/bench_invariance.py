@@ -1,6 +1,6 @@
 """Exactness under quantized / bf16 kernels on the embedded model: how many held-out prompts
 give linear_spec and quadratic_spec exactly ar's greedy tokens, and ar at batch 1 exactly
-ar batched, with the batch-invariant attention (``model.attend``) off and on.
+ar batched, with the batch-invariant attention (``model.invariant.attend``) off and on.
 
     python benchmarks/bench_invariance.py [--dtype bfloat16] [--quantization int8|int4|none]
         [--prompts 3] [--tokens 48] [--gguf FILE]
@@ -22,7 +22,7 @@ import torch
 def main() -> None:
     from trimode import LLM, SamplingParams
     from trimode.checkpoint.embedded import shipped_adapter
-    from trimode.model.model import set_batch_invariant
+    from trimode.model.invariant import set_batch_invariant
     from trimode.quant.cpu import describe
     from trimode.training.corpora import eval_prompts
 

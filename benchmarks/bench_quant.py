@@ -54,7 +54,7 @@ def variant(model, name: str) -> None:
     """Put ``model`` in an ablation state: "" as loaded (fused projections, batch-invariant
     attention where the LLM chose it), "unfused" (separate q/k/v, gate/up matmuls), "sdpa"
     (PyTorch's SDPA instead of the invariant attention)."""
-    from trimode.model.model import set_batch_invariant
+    from trimode.model.invariant import set_batch_invariant
 
     if not hasattr(model, "_as_loaded"):
         model._as_loaded = ([(x.self_attn.qkv, x.mlp.gate_up) for x in model.encoder.layers],

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from test_adapter import save_peft_adapter
+
 from trimode import LLM
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_oracle, write_checkpoint
+
 from trimode import LLM, SamplingParams
-from trimode.model.model import attend
+from trimode.model.invariant import attend
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

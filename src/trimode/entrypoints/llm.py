@@ -120,9 +120,9 @@ class LLM:
             quantization = quantize_model(self.model, quantization, quant_source or ckpt.gguf_file)
         self.quantization = quantization
         if self.model.device.type == "cpu" and self.model.dtype != torch.float32:
-            from ..model.model import set_batch_invariant
+            from ..model.invariant import set_batch_invariant
 
-            set_batch_invariant(self.model)  # bf16 rounding: see model.attend
+            set_batch_invariant(self.model)  # bf16 rounding: see model.invariant
         self.config = self.model.config
         self.tokenizer = Tokenizer.load(ckpt.directory, ckpt.gguf_file, self.config.mask_token_id,
                                         self.config.bos_token_id)

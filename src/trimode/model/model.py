@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import ForwardBatch, ForwardPlan, build_forward_batch
+from .config import ModelConfig
+from .invariant import attend
 from .kv_cache import KVCache
 from .paged_cache import PagedKVCache
-from .config import ModelConfig
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -273,39 +274,6 @@ class TriModeModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., d]`` -> fp32 logits ``[..., vocab]`` (confidence math is always fp32, docs/cases.md B31)."""
         return self.diffusion_head(hidden).float()
-
-
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-           invariant: bool = False) -> torch.Tensor:
-    """Attention of ``q`` ``[B, H, T, D]`` over ``keys``/``values`` ``[B, Hkv, S, D]`` where
-    ``mask`` ``[B, 1, T, S]`` (bool) allows; returns ``[B, H, T, D]`` in ``q``'s dtype.
-
-    ``invariant=False``: PyTorch's SDPA, whose blocking (and so its rounding) depends on T and
-    S. ``invariant=True``: scores, softmax and the weighted sum in fp64 from the fp32/bf16
-    inputs, rounded once at the end. Every product of two fp32 (or bf16) values is exact in
-    fp64 and the sums' rounding error (~1e-16 relative) is far below the output's last bit,
-    so a query's result no longer depends on how many queries or keys share the call
-    (masked keys add exact zeros). That keeps a 1-token AR step and an 8-token verify bitwise
-    equal where later layers round activations to bf16 (quantized or bf16 models), which
-    would otherwise amplify SDPA's last-bit differences into different tokens.
-    """
-    if not invariant:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                              enable_gqa=keys.shape[1] != q.shape[1])
-    b, h, t, d = q.shape
-    g = h // keys.shape[1]
-    qd = q.double().reshape(b, h // g, g * t, d)  # query heads grouped by their KV head
-    scores = torch.matmul(qd, keys.double().transpose(-1, -2)) * (1.0 / d ** 0.5)
-    scores = scores.view(b, h, t, -1).masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(b, h // g, g * t, -1)
-    return torch.matmul(probs, values.double()).view(b, h, t, d).to(q.dtype)
-
-
-def set_batch_invariant(net: nn.Module, on: bool = True) -> None:
-    """Switch every attention layer of ``net`` to the batch-invariant path (``attend``)."""
-    for module in net.modules():
-        if isinstance(module, Attention):
-            module.batch_invariant = on
 
 
 def _scatter_rows(y: torch.Tensor, real: torch.Tensor, b: int, t: int) -> torch.Tensor:

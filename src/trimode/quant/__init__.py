@@ -15,9 +15,17 @@ import numpy as np
 import torch
 
 from ..model.config import CheckpointError
-from ..model.model import Linear, TriModeModel, set_batch_invariant
+from ..model.invariant import set_batch_invariant
+from ..model.model import Linear, TriModeModel
 from .gguf_blocks import EXACT_INT4, gguf_weight
-from .layers import COMPUTE_DTYPE, Int4Weight, Int8Weight, QuantLinear, int4_from_float, int8_from_float
+from .layers import (
+    COMPUTE_DTYPE,
+    Int4Weight,
+    Int8Weight,
+    QuantLinear,
+    int4_from_float,
+    int8_from_float,
+)
 
 SCHEMES = ("none", "int8", "int4", "auto")
 __all__ = ["SCHEMES", "QuantLinear", "quantize_model", "check_scheme", "Int8Weight", "Int4Weight",
