@@ -23,6 +23,17 @@ CHAT_TEMPLATE = ("{{ '<s>' }}{% for m in messages %}{{ m['role'] }} : {{ m['cont
                  "{% if add_generation_prompt %}assistant : {% endif %}")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def small_pages():
+    """Every engine in the tests uses 4-position KV pages unless it asks otherwise, so
+    diffusion blocks and drafts straddle pages (the default is ``defaults.PAGE_SIZE``)."""
+    from trimode import defaults
+
+    default, defaults.PAGE_SIZE = defaults.PAGE_SIZE, 4
+    yield
+    defaults.PAGE_SIZE = default
+
+
 def tiny_geometry(**overrides) -> dict:
     geometry = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -64,9 +75,9 @@ def assert_cache_equals_causal(model, cache, text: list[int], row: int = 0) -> N
     clean = model.new_cache(1, len(text) + 1)
     model(torch.tensor([text]), clean)
     for layer in range(len(cache.keys)):
-        for ours, ref in ((cache.keys, clean.keys), (cache.values, clean.values)):
-            torch.testing.assert_close(ours[layer][row, :, : len(text)],
-                                       ref[layer][0, :, : len(text)], atol=1e-4, rtol=0)
+        for ours, ref in zip(cache.read_row(layer, row, len(text)),
+                             clean.read_row(layer, 0, len(text))):
+            torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
 def nld_state_dict(oracle) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ language instead of weights:
 
 - a *causal* row at slot t predicts ``lm.next(context)`` where the context is read back from
   the KV cache (cached prefix) plus the row's own tokens up to t. The cache is honest: each
-  forward writes its token ids into ``cache.keys[0][row, 0, length + t, 0]`` (like the real
+  forward writes its token ids at slot ``length + t`` of its row (``cache.write_row``; like the real
   model, whether or not the row commits), and only ``cache.lengths`` decides what a later
   forward sees. A stale or over-cropped cache therefore changes the context, and a toy
   language whose next token depends on the whole context makes that visible in the output.
@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from trimode.model.kv_cache import KVCache
+from trimode.model.paged_cache import PagedKVCache
 from trimode.model.config import ModelConfig
 from trimode.engine.decode import decode
 from trimode.decoding.sequence import Sequence
@@ -229,9 +230,16 @@ class StubModel:
         self.cache = KVCache(1, rows, 1, 1, capacity, torch.float64, self.device, zeroed)
         return self.cache
 
+    def new_paged_cache(self, pages: int, page_size: int, rows: int, max_pages: int,
+                        zeroed: bool = True) -> PagedKVCache:
+        self.cache = PagedKVCache(1, pages, page_size, 1, 1, rows, max_pages, torch.float64,
+                                  self.device, zeroed)
+        return self.cache
+
     @staticmethod
-    def cached_tokens(cache: KVCache, row: int) -> list[int]:
-        return cache.keys[0][row, 0, : int(cache.lengths[row]), 0].long().tolist()
+    def cached_tokens(cache: KVCache, row: int, n: int | None = None) -> list[int]:
+        n = int(cache.lengths[row]) if n is None else n
+        return cache.read_row(0, row, n)[0][0, :, 0].long().tolist()
 
     def ar_logits(self, ctx: list[int]) -> torch.Tensor:
         out = torch.zeros(self.vocab)
@@ -270,7 +278,7 @@ class StubModel:
             else:  # fused row: the adapter is on exactly for the draft (mask) tokens
                 assert adapter[b, :n].tolist() == [tok == MASK for tok in toks]
             prefix = self.cached_tokens(cache, b)
-            cache.keys[0][b, 0, length : length + n, 0] = torch.tensor(toks, dtype=torch.float64)
+            cache.write_row(0, b, length, torch.tensor(toks, dtype=torch.float64)[None, :, None])
             if copy:
                 out[b, : n - 1] = self.drafter(self, prefix, toks[: n - 1])
                 out[b, n - 1] = self.ar_logits(prefix + toks[:1])
@@ -351,6 +359,11 @@ class ContextFreeStub:
 
     def new_cache(self, rows: int, capacity: int, zeroed: bool = True) -> KVCache:
         return KVCache(1, rows, 1, 1, capacity, torch.float32, self.device, zeroed)
+
+    def new_paged_cache(self, pages: int, page_size: int, rows: int, max_pages: int,
+                        zeroed: bool = True) -> PagedKVCache:
+        return PagedKVCache(1, pages, page_size, 1, 1, rows, max_pages, torch.float32,
+                            self.device, zeroed)
 
     def __call__(self, tokens, cache, n_valid, bidirectional, write, adapter,
                  attention=None, offsets=None, plan=None) -> torch.Tensor:

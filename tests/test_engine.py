@@ -18,6 +18,7 @@ from conftest import assert_cache_equals_causal
 from stubs import Drafter, HashLM, StubModel
 from trimode import SamplingParams
 from trimode.engine import AsyncEngine, AutoPolicy, Engine, EngineConfig
+from trimode.engine.kv_pool import kv_bytes_per_token
 
 MIXED = [  # (prompt, params): all four modes, different block lengths, prompts, max_tokens
     ([5, 6, 7], SamplingParams(mode="ar", max_tokens=9)),
@@ -193,7 +194,7 @@ def test_a_request_that_can_never_fit_is_rejected_at_once(model):
         engine.add_request([5], SamplingParams(mode="quadratic_spec", block_length=16,
                                                draft_segments=None, max_tokens=20))
     assert not engine.has_unfinished()  # nothing queued by a rejected request
-    with pytest.raises(ValueError, match="holds no request"):
+    with pytest.raises(ValueError, match="holds 0 pages"):
         Engine(model, EngineConfig(kv_cache_memory=1000))
 
 
@@ -205,11 +206,14 @@ def test_engine_config_errors_name_the_field(field, value):
         EngineConfig(**{field: value})
 
 
-def test_kv_cache_memory_caps_the_rows(model):
-    per_row = Engine(model, EngineConfig(max_num_seqs=1, max_model_len=64)).kv_bytes
-    engine = Engine(model, EngineConfig(max_num_seqs=16, max_model_len=64,
-                                        kv_cache_memory=3 * per_row + 1))
-    assert engine.pool.rows == 3 and engine.kv_bytes == 3 * per_row
+def test_kv_cache_memory_sizes_the_pages_not_the_rows(model):
+    page = kv_bytes_per_token(model) * 4
+    engine = Engine(model, EngineConfig(max_num_seqs=16, max_model_len=64, page_size=4,
+                                        kv_cache_memory=10 * page + 1))
+    assert engine.pool.rows == 16 and engine.kv_bytes == 10 * page
+    assert engine.stats()["kv_pages_total"] == 9  # one is the null page
+    with pytest.raises(ValueError, match="needs 11 KV pages of page_size 4"):
+        engine.add_request([5] * 30, SamplingParams(max_tokens=10))  # 30 + 10 + 1 scratch
 
 
 def test_auto_picks_the_configured_modes_by_load(model):
@@ -418,12 +422,12 @@ def test_prefix_sharing_copies_kv_and_keeps_outputs(model):
     params = [SamplingParams(mode=m, max_tokens=6, block_length=3)
               for m in ("ar", "linear_spec", "diffusion", "ar")]
     expected = [alone(model, p, s)[0] for p, s in zip(prompts, params)]
-    engine = Engine(model, EngineConfig(max_num_seqs=4))
+    engine = Engine(model, EngineConfig(max_num_seqs=4, page_size=4))  # whole pages shared
     out = run_engine(engine, [(0, prompts[0], params[0])] +
                      [(2, p, s) for p, s in zip(prompts[1:], params[1:])], check_pool_exact(model))
     assert [out[k].generated for k in range(4)] == expected
     assert engine.shared_prefix_tokens == 2 * 40  # the 10-token overlap is below the minimum
-    off = Engine(model, EngineConfig(max_num_seqs=4, min_shared_prefix=0))
+    off = Engine(model, EngineConfig(max_num_seqs=4, page_size=4, min_shared_prefix=0))
     run_engine(off, [(0, prompts[0], params[0]), (2, prompts[1], params[1])])
     assert off.shared_prefix_tokens == 0
 

@@ -70,7 +70,8 @@ def wait_idle(engine, timeout: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         stats = engine.stats()
-        if stats["running"] == stats["waiting"] == stats["kv_rows_used"] == stats["kv_tokens_used"] == 0:
+        if stats["running"] == stats["waiting"] == stats["kv_rows_used"] == stats["kv_tokens_used"] \
+                == stats["kv_pages_used"] == 0:
             return stats
         assert time.monotonic() < deadline, f"engine not idle: {stats}"
         time.sleep(0.02)

@@ -135,11 +135,23 @@ def test_different_images_never_share_a_prefix(vlm):
         return engine.shared_prefix_tokens - before, ids1, out
 
     shared, ids, out = run_after_first(conversation(a), conversation(b))
-    assert shared == ids.index(PAD)  # the text before the first pad only
+    # the whole pages of text before the first pad only (an engine default page: 4 in tests)
+    assert shared == ids.index(PAD) // engine.pool.page_size * engine.pool.page_size
     assert out == alone(conversation(b))
     shared, ids, out = run_after_first(conversation(a), conversation(a, text="w30"))
     assert shared > ids.count(PAD)  # the same image is shared
     assert out == alone(conversation(a, text="w30"))
+    # finished requests leave their pages in the prefix cache: still keyed by the image
+    c = random_image(23)
+    shared, ids, out = run_after_first(conversation(c), conversation(b, text="w30"))
+    assert shared > ids.count(PAD)  # b's pages, from the finished request above
+    assert out == alone(conversation(b, text="w30"))
+    ids, images = chat_prompt(llm.tokenizer, llm.config.vision,
+                              conversation(random_image(24), text="w30"))
+    rid = engine.add_request(ids, SamplingParams(max_tokens=1), images=images)
+    pages, _ = engine.prefix.match(engine.requests[rid], len(ids) - 1)
+    size = engine.pool.page_size
+    assert len(pages) * size == ids.index(PAD) // size * size  # a new image: its text only
 
 
 def test_top_level_vision_names_load_the_same_model(vlm, tmp_path):

@@ -20,6 +20,8 @@ DRAFT_SEGMENTS = 1  # quadratic_spec: the fastest on CPU in benchmarks/RESULTS.m
 # speculative modes draft the whole block in one pass (0, the reference's default).
 THRESHOLD = {"ar": None, "diffusion": 0.9, "linear_spec": 0.0, "quadratic_spec": 0.0}
 CONTEXT_CAP = 4096  # max_model_len when not given: the checkpoint's limit, capped here
+PAGE_SIZE = 16  # KV positions per page (engine/kv_pool.py); the tests run with 4
+MIN_SHARED_PREFIX = 16  # prefix cache: shortest cached prefix worth reading (0: off)
 MAX_LOGPROBS = 20
 # diffusion's unmasking policies (decoding/unmask.py): which masked slots a denoising pass
 # fills first. confidence is the reference's (docs/spec.md 3.3).

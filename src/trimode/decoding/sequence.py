@@ -83,6 +83,8 @@ class Sequence:
         self.request_id: str = ""
         self.arrival = time.perf_counter()
         self.row = -1
+        self.chain: list[int] = []  # prefix-cache ids of its first full pages (engine/prefix.py)
+        self.resume = 0  # preempted: cache positions to recompute when it runs again
         self.emitted = 0
         self.error: str | None = None
         self.on_step: Callable[["Sequence"], None] | None = None

@@ -194,3 +194,13 @@ def new_local_cache(model: TriModeModel, rows: int, capacity: int, zeroed: bool 
     c = model.config
     return (cls or KVCache)(c.num_hidden_layers, rows, model.kv_heads_local, c.head_dim,
                             capacity, model.dtype, model.device, zeroed)
+
+
+def new_local_paged_cache(model: TriModeModel, pages: int, page_size: int, rows: int,
+                          max_pages: int, zeroed: bool = True, cls=None):
+    """A paged KV cache for a sharded model: this rank's KV heads only."""
+    from ..model.paged_cache import PagedKVCache
+
+    c = model.config
+    return (cls or PagedKVCache)(c.num_hidden_layers, pages, page_size, model.kv_heads_local,
+                                 c.head_dim, rows, max_pages, model.dtype, model.device, zeroed)

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from ..model.kv_cache import KVCache
-from .layers import Shard, new_local_cache
+from ..model.paged_cache import PagedKVCache
+from .layers import Shard, new_local_cache, new_local_paged_cache
 
 log = logging.getLogger("trimode.distributed")
 FORWARD_ARGS = ("n_valid", "bidirectional", "write", "adapter", "attention", "offsets", "embeds")
@@ -44,6 +45,13 @@ class ShardedKVCache(KVCache):
     def select_rows(self, rows: torch.Tensor) -> None:
         self.owner._pending.append(("select", self.cache_id, rows.cpu()))
         super().select_rows(rows)
+
+
+class ShardedPagedKVCache(PagedKVCache):
+    """Rank 0's paged KV cache (its own KV heads); each forward sends its page table."""
+
+    owner: "TensorParallelModel"
+    cache_id: int
 
 
 def _send(message, group) -> None:
@@ -104,10 +112,21 @@ class TensorParallelModel:
         """A cache of this rank's KV heads; the other ranks allocate theirs (zeroed) with the
         next forward."""
         cache = new_local_cache(self.model, rows, capacity, zeroed, ShardedKVCache)
+        return self._own(cache, ("new", rows, capacity))
+
+    def new_paged_cache(self, pages: int, page_size: int, rows: int, max_pages: int,
+                        zeroed: bool = True) -> ShardedPagedKVCache:
+        """A paged cache of this rank's KV heads; the other ranks allocate theirs (zeroed)
+        with the next forward, which also carries the rows' page table."""
+        geometry = (pages, page_size, rows, max_pages)
+        cache = new_local_paged_cache(self.model, *geometry, zeroed, ShardedPagedKVCache)
+        return self._own(cache, ("new_paged", *geometry))
+
+    def _own(self, cache, op: tuple):
         cache.owner, cache.cache_id = self, self._ids
         self._ids += 1
         self._roots[cache.cache_id] = weakref.ref(cache)
-        self._pending.append(("new", cache.cache_id, rows, capacity))
+        self._pending.append((op[0], cache.cache_id, *op[1:]))
         weakref.finalize(cache, self._pending.append, ("drop", cache.cache_id))
         return cache
 
@@ -117,6 +136,7 @@ class TensorParallelModel:
         cache_id, start = self._locate(cache)
         plan = {"ops": self._take_ops(), "cache": cache_id, "start": start, "rows": cache.rows,
                 "lengths": cache.lengths.cpu(), "tokens": tokens.cpu(),
+                "table": cache.table.cpu() if isinstance(cache, PagedKVCache) else None,
                 **{k: _cpu(v) for k, v in bound.items()}}
         return self._collective(lambda: self._forward(plan, tokens, cache, bound))
 
@@ -242,7 +262,7 @@ def worker_loop(model, shard: Shard, control) -> None:
             continue
         _apply(caches, model, body.pop("ops"))
         view = _view(caches[body.pop("cache")], body.pop("start"), body.pop("rows"),
-                     body.pop("lengths"))
+                     body.pop("lengths"), body.pop("table"))
         tokens = body.pop("tokens").to(model.device)
         args = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
                 for k, v in body.items()}
@@ -256,6 +276,8 @@ def _apply(caches: dict, model, ops: list[tuple]) -> None:
     for op, cache_id, *rest in ops:
         if op == "new":
             caches[cache_id] = new_local_cache(model, *rest)  # zeroed: no NaN garbage
+        elif op == "new_paged":
+            caches[cache_id] = new_local_paged_cache(model, *rest)
         elif op == "drop":
             caches.pop(cache_id, None)
         elif op == "copy":
@@ -264,7 +286,13 @@ def _apply(caches: dict, model, ops: list[tuple]) -> None:
             caches[cache_id].select_rows(rest[0].to(model.device))
 
 
-def _view(root: KVCache, start: int, rows: int, lengths: torch.Tensor) -> KVCache:
+def _view(root: KVCache, start: int, rows: int, lengths: torch.Tensor,
+          table: torch.Tensor | None = None) -> KVCache:
+    if table is not None:  # paged: rank 0's page table for these rows
+        view = root.view(0, 0)
+        view.table = table.to(root.lengths.device)
+        view.lengths = lengths.to(root.lengths.device)
+        return view
     view = KVCache.__new__(KVCache)
     view.keys = [k[start: start + rows] for k in root.keys]
     view.values = [v[start: start + rows] for v in root.values]

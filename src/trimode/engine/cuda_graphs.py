@@ -11,7 +11,8 @@ captures ``model(...)`` lazily the first time a bucket is seen:
 - key span: padded up to a power of two (at least 256, at most the cache capacity), so the
   attention reads only what the longest row needs, rounded.
 
-Inputs are copied into the graph's static buffers before each replay; the forward runs
+Inputs (and a paged cache's page table) are copied into the graph's static buffers before
+each replay; the forward runs
 dense (no ragged-row packing) so every shape is static. Anything outside a bucket (prefill,
 wider steps, CPU) runs eagerly. Only used when ``model.device.type == "cuda"`` and
 ``EngineConfig.cuda_graphs`` is on. NOT YET RUN ON A GPU: written and reviewed on a CPU-only
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.kv_cache import ForwardPlan, KVCache
+from ..model.paged_cache import PagedKVCache
 
 MIN_SPAN = 256
 
@@ -40,6 +42,7 @@ class _Graph:
     lengths: torch.Tensor
     hidden: torch.Tensor
     out_lengths: torch.Tensor
+    table: torch.Tensor | None = None  # a paged cache's page table (copied in per replay)
 
 
 class GraphRunner:
@@ -76,6 +79,8 @@ class GraphRunner:
         for name, value in _pad(inputs, key[1]).items():
             entry.inputs[name].copy_(value)
         entry.lengths.copy_(cache.lengths)
+        if entry.table is not None:
+            entry.table.copy_(cache.table)
         entry.graph.replay()
         cache.lengths = entry.out_lengths.clone()
         return entry.hidden[:, :width]
@@ -92,8 +97,13 @@ class GraphRunner:
             inputs["attention"] = torch.zeros(rows, width, width, dtype=torch.bool, device=device)
             inputs["offsets"] = torch.arange(width, device=device).repeat(rows, 1)
         lengths = cache.lengths.clone()
-        view = KVCache.__new__(KVCache)
-        view.keys, view.values, view.capacity = cache.keys, cache.values, cache.capacity
+        table = None
+        if isinstance(cache, PagedKVCache):
+            view = cache.view(0, rows)
+            view.table = table = cache.table.clone()
+        else:
+            view = KVCache.__new__(KVCache)
+            view.keys, view.values, view.capacity = cache.keys, cache.values, cache.capacity
         # dense and span-sized: every row "full" and the longest row at span - width
         plan = ForwardPlan([span - width] * rows, [width] * rows, adapter)
 
@@ -111,7 +121,7 @@ class GraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = forward()
-        return _Graph(graph, inputs, lengths, hidden, view.lengths)
+        return _Graph(graph, inputs, lengths, hidden, view.lengths, table)
 
 
 def _pad(inputs: dict, width: int) -> dict:

@@ -21,9 +21,12 @@ The scheduler (``scheduler.py``) decides *who* runs and how many query tokens ea
 the tokens are and what to select from their logits; the model runner (``model_runner.py``)
 builds the tensors, runs the forward (a captured CUDA graph where one fits) and selects every
 row's tokens on the device in one batch, so a step copies only token ids and a few integers
-per row to the host. KV memory is a preallocated :class:`~trimode.engine.kv_pool.KVPool`; a request
-reserves its whole row at admission, so a running request never waits for memory, and its
-row is freed on finish, cancellation or error.
+per row to the host. KV memory is a :class:`~trimode.engine.kv_pool.KVPool` of fixed-size
+pages: a request holds the pages its tokens use, gets more before each step, and returns them
+on finish, cancellation or error; when the pool runs out mid-decode the newest request is
+preempted and later recomputes its KV (``scheduler.py``). Full pages of committed KV stay in
+a prefix cache after their request ends (``prefix.py``): a later request with the same
+leading text reads them instead of prefilling it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from . import model_runner
 from .config import EngineConfig
 from .kv_pool import KVPool, kv_bytes_per_token
 from .model_runner import DecodingModel
-from .prefix import share_prefix
+from .prefix import PrefixCache
 from .request import RequestUpdate
 from .scheduler import Scheduler
 from .auto import AdaptivePolicy
@@ -69,24 +72,26 @@ class Engine:
         self.config = config or EngineConfig()
         limit = model.config.max_position_embeddings
         self.max_model_len = min(self.config.max_model_len or CONTEXT_CAP, limit)
-        rows = self.config.max_num_seqs
+        rows, size = self.config.max_num_seqs, self.config.page_size
         per_token = kv_bytes_per_token(model)
-        self.row_capacity = self.max_model_len + self.config.scratch_tokens + 1  # +1 spare slot
+        self.row_capacity = self.max_model_len + self.config.scratch_tokens
+        row_pages = -(-self.row_capacity // size)
+        pages = rows * row_pages + 1  # + the null page
         if self.config.kv_cache_memory is not None:
-            fit = self.config.kv_cache_memory // (per_token * self.row_capacity)
-            if fit < 1:
-                raise ValueError(f"kv_cache_memory {self.config.kv_cache_memory} bytes holds no "
-                                 f"request of max_model_len {self.max_model_len} "
-                                 f"({per_token * self.row_capacity} bytes per row)")
-            rows = min(rows, int(fit))
-        self.pool = KVPool(model.new_cache(rows, self.row_capacity, zeroed=False))
-        self.scheduler = Scheduler(self.config, self.pool)
-        self.kv_bytes = rows * self.row_capacity * per_token
+            pages = self.config.kv_cache_memory // (per_token * size)
+            if pages < 2:
+                raise ValueError(f"kv_cache_memory {self.config.kv_cache_memory} bytes holds "
+                                 f"{pages} pages of page_size {size} ({per_token * size} bytes "
+                                 f"each); at least 2 are needed (one is the null page)")
+        self.pool = KVPool(model.new_paged_cache(pages, size, rows, row_pages, zeroed=False))
+        self.prefix = PrefixCache(self.pool, self.config.min_shared_prefix)
+        self.scheduler = Scheduler(self.config, self.pool, self.prefix)
+        self.kv_bytes = pages * size * per_token
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self.steps = 0
         self.forwards = 0
-        self.shared_prefix_tokens = 0  # prompt tokens whose prefill prefix sharing saved
+        self.recomputed_tokens = 0  # KV positions preempted requests computed again
         self.denoise_adapter = False  # the draft adapter also denoises (LLM sets it)
         self.think_tags: ThinkTags | None = None  # ids of <think> / </think> (LLM sets them)
         # benchmarks only (never set by LLM, the CLI or the server): verification accepts
@@ -210,12 +215,28 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def stats(self) -> dict:
-        """Queue and pool use: running, waiting, kv_rows_used/total, kv_tokens_used/total."""
+        """Queue and pool use: running, waiting; kv_rows_used/total (page-table rows),
+        kv_tokens_used (committed positions of live rows)/total (the pool's positions);
+        kv_pages_total/used/cached (used: some running request reads it; cached: kept for
+        the prefix cache, evictable); kv_page_evictions, preemptions, recomputed_tokens;
+        prefix_cache_queries/hits (prompt tokens of new requests / of those read from
+        cached pages) and prefix_cache_hit_rate."""
+        a, p = self.pool.allocator, self.prefix
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "kv_rows_used": self.pool.live, "kv_rows_total": self.pool.rows,
                 "kv_tokens_used": self.pool.used_positions(),
-                "kv_tokens_total": self.pool.rows * self.max_model_len,
-                "shared_prefix_tokens": self.shared_prefix_tokens}
+                "kv_tokens_total": a.usable * self.pool.page_size,
+                "kv_page_size": self.pool.page_size, "kv_pages_total": a.usable,
+                "kv_pages_used": a.used(), "kv_pages_cached": a.cached(),
+                "kv_page_evictions": a.evictions, "preemptions": self.scheduler.preemptions,
+                "recomputed_tokens": self.recomputed_tokens,
+                "prefix_cache_queries": p.queried, "prefix_cache_hits": p.hits,
+                "prefix_cache_hit_rate": p.hit_rate()}
+
+    @property
+    def shared_prefix_tokens(self) -> int:
+        """Prompt tokens read from the prefix cache instead of prefilled."""
+        return self.prefix.hits
 
     def output(self, request_id: str) -> Sequence:
         return self.requests[request_id]
@@ -245,21 +266,27 @@ class Engine:
         began = time.perf_counter()
         record = StepRecord()
         touched: dict[str, Sequence] = {}
-        admitted = self.scheduler.admit(self._resolve)
+        preempted = self.scheduler.reserve()
+        admitted = [] if preempted else self.scheduler.admit(self._resolve)
         for s in admitted:
             self.requests[s.request_id] = s  # an auto request is now its resolved Sequence
-        if admitted:
-            start = admitted[0].row
-            shared = [self._share_prefix(s) for s in admitted]
-            steps = [prefill_step(s, n, self.model) for s, n in zip(admitted, shared)]
+        resumed = [s for s in admitted if s.resume]  # first in the queue: the first rows
+        fresh = admitted[len(resumed):]
+        if resumed:
+            self._recompute(resumed)
+        if fresh:
+            steps = [prefill_step(s, self.pool.length(s.row), self.model) for s in fresh]
             record.rows, record.query_tokens = len(steps), sum(len(s.tokens) for s in steps)
-            self._run(steps, admitted, start, prefill=True)
-            touched.update((s.request_id, s) for s in admitted)
+            self._run(steps, fresh, fresh[0].row, prefill=True)
+            touched.update((s.request_id, s) for s in fresh)
         decoding = [s for s in self.running if not s.finished and s not in admitted]
         if decoding:
             if self.controller is not None:  # auto rows between cycles may switch mode
                 self.controller.plan(decoding)
                 record.switches = self.controller.switches
+                self.scheduler.reserve()  # a new mode may write more scratch: its pages
+                decoding = [s for s in decoding if s.row >= 0]  # minus those preempted
+        if decoding:
             # rows of decoding requests are 0 .. k-1 only if no admitted row sits in between;
             # admitted rows are the last ones, so the decode forward covers rows 0 .. k-1.
             steps = [s.strategy.next_step(s) for s in decoding]
@@ -296,14 +323,37 @@ class Engine:
                                seq.params)
         return resolved
 
-    def _share_prefix(self, seq: Sequence) -> int:
-        n = share_prefix(seq, self.running, self.pool.cache, self.config.min_shared_prefix)
-        self.shared_prefix_tokens += n
-        return n
+    def _recompute(self, seqs: list[Sequence]) -> None:
+        """Write the KV of preempted requests again: one causal prefill of their text from
+        their cached prefix up to where their cache stood. Their strategies resume as if
+        nothing happened: the cache is what it was, up to fp32 summation order."""
+        start = seqs[0].row
+        steps = [prefill_step(s, self.pool.length(s.row), self.model, stop=s.resume) for s in seqs]
+        self.recomputed_tokens += sum(len(st.tokens) for st in steps)
+        for s in seqs:
+            s.resume = 0
+        view = self.pool.view(start, start + len(seqs))
+        try:
+            model_runner.fill(self.model, view, steps)
+        except Exception as exc:  # a failed forward ends its requests, never the engine
+            log.exception("recompute forward failed")
+            for s in seqs:
+                s.finish("error", f"forward failed: {type(exc).__name__}: {exc}")
+            self._release(seqs)
+            return
+        self.pool.sync(view, start)
+        self.forwards += 1
+        for s in seqs:
+            self.prefix.register(s)
 
     def _run(self, steps: list[Step], seqs: list[Sequence], start: int, prefill: bool) -> None:
         view = self.pool.view(start, start + len(seqs))
         assert [s.row for s in seqs] == list(range(start, start + len(seqs)))
+        for s, step in zip(seqs, steps):  # the scheduler reserved the pages of every write
+            if self.pool.length(s.row) + len(step.tokens) > len(self.pool.row_pages[s.row]) * \
+                    self.pool.page_size:
+                raise RuntimeError(f"internal error: request {s.request_id} has no KV page "
+                                   f"for its {step.kind} step")
         try:
             needs = [s.need_next(len(step.tokens) - 1) if prefill else s.strategy.need(s, step)
                      for s, step in zip(seqs, steps)]
@@ -338,6 +388,9 @@ class Engine:
             self.pool.sync(view, start)
             for s in seqs:
                 s.rollback = 0
+        for s in seqs:
+            if s.finish_reason != "error":
+                self.prefix.register(s)
         self._release([s for s in seqs if s.finished])
 
     def _release(self, done: list[Sequence]) -> None:
@@ -383,6 +436,12 @@ class Engine:
                              f"positions per forward; the engine reserves scratch_tokens "
                              f"{self.config.scratch_tokens} (use a smaller "
                              f"{strategy.shrink_hint})", "block_length")
+        pages = self.pool.pages_for(total + scratch)
+        if pages > self.pool.allocator.usable:
+            raise ParamError(f"prompt ({len(prompt_ids)} tokens) + generation ({generated} "
+                             f"positions) + scratch ({scratch}) needs {pages} KV pages of "
+                             f"page_size {self.pool.page_size}; kv_cache_memory holds "
+                             f"{self.pool.allocator.usable}", field)
         if len(prompt_ids) > self.config.max_num_batched_tokens:
             raise ParamError(f"prompt ({len(prompt_ids)} tokens) exceeds max_num_batched_tokens "
                              f"{self.config.max_num_batched_tokens}", "prompt")

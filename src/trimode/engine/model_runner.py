@@ -20,6 +20,7 @@ from ..decoding.sequence import Step
 from ..model.attention import ForwardPlan
 from ..model.config import ModelConfig
 from ..model.kv_cache import KVCache
+from ..model.paged_cache import PagedKVCache
 
 
 class DecodingModel(Protocol):
@@ -32,8 +33,10 @@ class DecodingModel(Protocol):
     ``cache.lengths``) only where ``write``; ``embeds`` (VLM prefill only: where ``[B, T]``,
     values ``[N, d]``) replaces those token embeddings; ``plan`` (a ``ForwardPlan``: what
     the host knows, so nothing is read back) may be ignored. ``logits(hidden [N, d]) -> [N, V]``.
-    ``new_cache(rows, capacity, zeroed)``: a KVCache (``zeroed=False`` may leave it
-    uninitialised; the pool zeroes rows on first use).
+    ``new_cache(rows, capacity, zeroed)``: a dense KVCache; ``new_paged_cache(pages,
+    page_size, rows, max_pages, zeroed)``: a PagedKVCache, the engine's pool
+    (``zeroed=False`` may leave it uninitialised; the pool zeroes pages on first use).
+    A model reads and writes a cache only through its ``write_index``/``store``/``window``.
     """
 
     config: ModelConfig
@@ -45,6 +48,9 @@ class DecodingModel(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     def new_cache(self, rows: int, capacity: int, zeroed: bool = True) -> KVCache: ...
+
+    def new_paged_cache(self, pages: int, page_size: int, rows: int, max_pages: int,
+                        zeroed: bool = True) -> PagedKVCache: ...
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor,
                  bidirectional: torch.Tensor, write: torch.Tensor, adapter: torch.Tensor,
@@ -66,6 +72,11 @@ def forward_select(model: DecodingModel, cache, steps: list[Step], needs: list[N
     cols = torch.tensor([c for n in needs for c in n.slots], device=hidden.device)
     logits = model.logits(hidden[rows, cols])
     return select_rows(logits, needs, model.config.mask_token_id)
+
+
+def fill(model: DecodingModel, cache, steps: list[Step]) -> None:
+    """One packed forward of ``steps`` for their KV alone (no LM head, no selection)."""
+    _forward(model, cache, steps)
 
 
 def forward_rows(model: DecodingModel, cache, steps: list[Step],

@@ -41,10 +41,15 @@ class LLM:
         quadratic_spec draft tokens) and, if it is marked so, diffusion denoising passes.
         None: the model's default (the shipped tri-mode adapter for the embedded model,
         none otherwise); False or "none": no adapter.
-    max_batch_size: requests decoded concurrently (rows of the preallocated KV pool).
+    max_batch_size: requests decoded concurrently (rows of the KV pool's page table).
     max_model_len: positions one request may hold (prompt + generation + its mode's
         scratch); None: the checkpoint's context limit capped at 4096.
-    kv_cache_memory: bytes for the KV pool (caps max_batch_size); None: max_batch_size rows.
+    kv_cache_memory: bytes for the KV pool's pages; None: room for max_batch_size requests
+        of max_model_len (memory is touched only as pages are used). Requests that need
+        more pages than are free wait, or are preempted and recomputed (README "Engine").
+    page_size: positions per KV page; None: ``defaults.PAGE_SIZE`` (16).
+    prefix_cache: keep full pages of committed KV after a request ends, for later requests
+        that start with the same text (``EngineConfig.min_shared_prefix``); False: off.
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
     auto: the ``mode="auto"`` policy: ``AdaptivePolicy`` (per-step controller, the default)
         or ``AutoPolicy`` (at admission, from the load).
@@ -69,15 +74,20 @@ class LLM:
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 8192,
                  auto: AdaptivePolicy | AutoPolicy | None = None, cuda_graphs: bool = True,
                  quantization: str | None = None, tensor_parallel_size: int = 1,
-                 distributed=None):
+                 distributed=None, page_size: int | None = None, prefix_cache: bool = True):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1; got {max_batch_size!r}")
         if model is None and auto is None:
             from ..checkpoint.embedded import default_auto_policy
 
             auto = default_auto_policy()
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False; got {prefix_cache!r}")
+        pages = {} if page_size is None else {"page_size": page_size}
+        if not prefix_cache:
+            pages["min_shared_prefix"] = 0
         engine_config = EngineConfig(max_num_seqs=max_batch_size, max_model_len=max_model_len,
-                                     kv_cache_memory=kv_cache_memory,
+                                     kv_cache_memory=kv_cache_memory, **pages,
                                      max_num_batched_tokens=max_num_batched_tokens,
                                      auto=auto or AdaptivePolicy(), cuda_graphs=cuda_graphs)
         from ..quant import check_scheme

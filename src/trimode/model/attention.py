@@ -36,7 +36,7 @@ class ForwardBatch:
     """What one forward needs besides token ids; built once and shared by all layers.
 
     ``positions`` ``[B, T]``: absolute position of each query (row length + offset).
-    ``write_index``: (row, slot) pairs where this call's keys/values are stored.
+    ``write_index``: where this call's keys/values are stored (``cache.write_index``).
     ``mask`` ``[B, 1, T, S]`` bool: which of the first ``S`` cache slots each query may see.
     ``adapter_rows`` ``[B, T, 1]`` float or None: 1.0 where the draft adapter is on
     (``[N, 1]`` over the real tokens when ``real`` is set).
@@ -90,10 +90,7 @@ def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: to
     in_call = (j[None, :] >= lengths[:, None]) & (j[None, :] < lengths[:, None] + tokens)
     new = torch.gather(visible_new, 2, rel[:, None, :].expand(-1, tokens, -1)) & in_call[:, None, :]
     mask = prefix | new
-    write_slots = lengths[:, None] + slots[None, :]
-    # Right padding of a short row may run past its capacity: those (ignored) writes go to
-    # the last slot, which a pool row never fills with real keys (KVPool keeps it spare).
-    write_slots = torch.where(real, write_slots, write_slots.clamp(max=cache.capacity - 1))
     positions = lengths[:, None] + (slots[None, :] if offsets is None else offsets)
     rows = torch.arange(lengths.shape[0], device=device)[:, None].expand(-1, tokens)
-    return ForwardBatch(cache, positions, mask[:, None], adapter_rows, (rows, write_slots))
+    write_index = cache.write_index(rows, lengths[:, None] + slots[None, :], real)
+    return ForwardBatch(cache, positions, mask[:, None], adapter_rows, write_index)

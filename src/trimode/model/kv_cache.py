@@ -4,8 +4,9 @@ Each row of the batch owns a slice of preallocated key/value buffers and a lengt
 writes its keys/values at ``length .. length + T - 1`` of each row; the row's length advances
 only when the caller asks to *write* (commit). A read-only forward (diffusion denoising, draft)
 therefore leaves the cache exactly as it was, and cropping (self-speculation rollback) is a
-length update. docs/spec.md sections 2.1, 2.2 and 9.3. The engine's slot allocation over one
-cache is ``engine/kv_pool.py``; the per-forward positions and mask are ``attention.py``.
+length update. docs/spec.md sections 2.1, 2.2 and 9.3. The engine keeps its KV in pages
+(``paged_cache.py``, same interface); the per-forward positions and mask are ``attention.py``.
+The model reads and writes a cache only through ``write_index``, ``store`` and ``window``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,30 @@ class KVCache:
     @property
     def rows(self) -> int:
         return self.lengths.shape[0]
+
+    def write_index(self, rows: torch.Tensor, slots: torch.Tensor, real: torch.Tensor) -> tuple:
+        """Where a forward's keys go: ``rows``, ``slots`` ``[B, T]`` logical slots, ``real``
+        ``[B, T]`` bool. Right padding of a short row may run past its capacity: those
+        (ignored) writes go to the last slot, which nothing reads."""
+        return rows, torch.where(real, slots, slots.clamp(max=self.capacity - 1))
+
+    def store(self, layer: int, index: tuple, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``, ``v`` ``[B, kv_heads, T, head_dim]`` at ``index`` (``write_index``)."""
+        rows, slots = index
+        self.keys[layer][rows, :, slots] = k.transpose(1, 2)
+        self.values[layer][rows, :, slots] = v.transpose(1, 2)
+
+    def window(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every row's first ``span`` slots: ``[B, kv_heads, span, head_dim]``."""
+        return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
+
+    def read_row(self, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``row``'s first ``n`` slots ``[kv_heads, n, head_dim]``."""
+        return self.keys[layer][row, :, :n], self.values[layer][row, :, :n]
+
+    def write_row(self, layer: int, row: int, start: int, keys: torch.Tensor) -> None:
+        """Write keys ``[kv_heads, n, head_dim]`` at ``row``'s slots ``start ..`` (stubs)."""
+        self.keys[layer][row, :, start : start + keys.shape[1]] = keys
 
     def crop(self, lengths: torch.Tensor) -> None:
         """Roll rows back to ``lengths`` ``[rows]``; raises ValueError if any would grow."""

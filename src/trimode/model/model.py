@@ -17,6 +17,7 @@ from .attention import ForwardBatch, ForwardPlan, build_forward_batch
 from .config import ModelConfig
 from .invariant import attend
 from .kv_cache import KVCache
+from .paged_cache import PagedKVCache
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -116,12 +117,8 @@ class Attention(nn.Module):
         if q_scale is not None:
             q = q * q_scale  # Llama-4 query scale, after RoPE, keys unscaled (spec 1.3)
         cache = batch.cache
-        rows, slots = batch.write_index
-        cache.keys[self.layer][rows, :, slots] = k.transpose(1, 2)
-        cache.values[self.layer][rows, :, slots] = v.transpose(1, 2)
-        span = batch.mask.shape[-1]
-        keys = cache.keys[self.layer][:, :, :span]
-        values = cache.values[self.layer][:, :, :span]
+        cache.store(self.layer, batch.write_index, k, v)
+        keys, values = cache.window(self.layer, batch.mask.shape[-1])
         o = attend(q, keys, values, batch.mask, self.batch_invariant)
         o = o.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(o if real is None else o.reshape(b * t, -1)[real], ad)
@@ -192,6 +189,13 @@ class TriModeModel(nn.Module):
         c = self.config
         return KVCache(c.num_hidden_layers, rows, c.num_key_value_heads, c.head_dim, capacity,
                        self.dtype, self.device, zeroed)
+
+    def new_paged_cache(self, pages: int, page_size: int, rows: int, max_pages: int,
+                        zeroed: bool = True) -> PagedKVCache:
+        """A paged KV cache (``model/paged_cache.py``) for the engine's pool."""
+        c = self.config
+        return PagedKVCache(c.num_hidden_layers, pages, page_size, c.num_key_value_heads,
+                            c.head_dim, rows, max_pages, self.dtype, self.device, zeroed)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None,

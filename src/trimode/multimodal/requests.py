@@ -48,10 +48,11 @@ def attach_features(model, seq: Sequence, images: list[ImageInput] | None) -> No
         seq.image_features = torch.cat([encoder.features(im) for im in seq.images])
 
 
-def prefill_step(seq: Sequence, shared: int, model) -> Step:
-    """The prefill of ``seq``'s prompt after its first ``shared`` (prefix-shared) tokens,
-    with image features at the remaining pad positions."""
-    tokens = seq.prompt_ids[shared:]
+def prefill_step(seq: Sequence, shared: int, model, stop: int | None = None) -> Step:
+    """The prefill of ``seq``'s prompt after its first ``shared`` (prefix-cached) tokens,
+    with image features at the remaining pad positions; with ``stop``, of its prompt +
+    generated text ``shared .. stop - 1`` (a preempted request's recompute)."""
+    tokens = seq.prompt_ids[shared:] if stop is None else (seq.prompt_ids + seq.generated)[shared:stop]
     if seq.image_features is None:
         return Step(tokens, "prefill")
     pad = model.image_encoder.spec.image_pad_id

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli.common import add_model_args, threshold_arg
-from ...defaults import CONTEXT_CAP, MAX_TOKENS, MODES, PARALLEL_MODES, THRESHOLD
+from ...defaults import CONTEXT_CAP, MAX_TOKENS, MODES, PAGE_SIZE, PARALLEL_MODES, THRESHOLD
 
 FLAGS = ("mode", "max_tokens", "temperature", "top_k", "top_p", "block_length", "threshold",
          "max_thinking_tokens")
@@ -37,6 +37,14 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="context limit in tokens, prompt + generation (default: the "
                    f"checkpoint's max_position_embeddings, capped at {CONTEXT_CAP})")
+    s.add_argument("--kv-cache-memory", type=int, default=None, metavar="BYTES",
+                   help="bytes for the KV pages (default: room for --max-batch-size requests "
+                   "of --max-model-len, touched only as used)")
+    s.add_argument("--page-size", type=int, default=None, metavar="N",
+                   help=f"positions per KV page, integer >= 1 (default: {PAGE_SIZE})")
+    s.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not keep committed KV pages for later requests with the same "
+                   "leading text (default: kept until evicted)")
     s.add_argument("--auto-parallel-mode", choices=PARALLEL_MODES,
                    default=None, help="mode 'auto' uses this parallel mode at low load "
                    "(default: the model's measured policy, see README 'mode auto')")
@@ -147,8 +155,10 @@ def check_flags(args: argparse.Namespace) -> None:
         if getattr(args, flag) < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be an integer >= {low}; "
                              f"got {getattr(args, flag)}")
-    if args.max_model_len is not None and args.max_model_len < 1:
-        raise UsageError(f"--max-model-len must be an integer >= 1; got {args.max_model_len}")
+    for flag in ("max_model_len", "kv_cache_memory", "page_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be an integer >= 1; got {value}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535]; got {args.port}")
     if args.replicas > 1 and not args.ray:
@@ -200,7 +210,8 @@ def build_server(args: argparse.Namespace):
     llm = LLM(model, dtype=args.dtype, device=args.device, draft_adapter=adapter,
               quantization=getattr(args, "quantization", None),
               max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-              progress=False, auto=auto, cuda_graphs=args.cuda_graphs,
+              kv_cache_memory=args.kv_cache_memory, page_size=args.page_size,
+              prefix_cache=args.prefix_cache, progress=False, auto=auto, cuda_graphs=args.cuda_graphs,
               tensor_parallel_size=args.tensor_parallel_size,
               distributed=launch(args))
     engine = AsyncEngine(llm)

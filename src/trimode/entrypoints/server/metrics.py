@@ -3,7 +3,9 @@
 Counters by mode: requests (by HTTP status), prompt and generated tokens, nfe. Histograms
 by mode: tokens_per_forward and acceptance_length per choice, time to first token and
 end-to-end latency (seconds). Gauges read from ``engine.stats()`` at scrape time: running
-and waiting requests (the queue), KV rows and KV tokens in use and in total.
+and waiting requests (the queue), KV rows, tokens and pages in use, cached and in total, the
+prefix cache's hit rate; counters from it: page evictions, preemptions, prefix-cache
+queried and hit prompt tokens (their ratio is the hit rate).
 
 Step metrics, from every engine step's ``StepRecord`` (``engine/step_stats.py``, observed on
 the engine's thread): step duration (seconds), rows and query tokens per step (histograms);
@@ -16,7 +18,7 @@ weighted over recent verifies).
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TPF_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 ACCEPT_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
@@ -25,7 +27,14 @@ COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 TIME_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 STATS = {"running": "requests being decoded", "waiting": "requests queued for a batch slot",
          "kv_rows_used": "KV pool rows in use", "kv_rows_total": "KV pool rows",
-         "kv_tokens_used": "KV pool token slots in use", "kv_tokens_total": "KV pool token slots"}
+         "kv_tokens_used": "KV pool token slots in use", "kv_tokens_total": "KV pool token slots",
+         "kv_pages_total": "KV pages", "kv_pages_used": "KV pages running requests read",
+         "kv_pages_cached": "KV pages kept for the prefix cache (evictable)",
+         "prefix_cache_hit_rate": "prompt tokens read from the prefix cache / prompt tokens"}
+COUNTS = {"kv_page_evictions": "cached KV pages evicted for new pages",
+          "preemptions": "requests preempted (KV freed, recomputed later)",
+          "prefix_cache_queries": "prompt tokens of admitted requests",
+          "prefix_cache_hits": "prompt tokens read from the prefix cache"}
 
 
 class _EngineStats:
@@ -41,6 +50,9 @@ class _EngineStats:
                 gauge = GaugeMetricFamily(f"trimode_{key}", text)
                 gauge.add_metric([], float(stats[key]))
                 yield gauge
+        for key, text in COUNTS.items():
+            if key in stats:
+                yield CounterMetricFamily(f"trimode_{key}", text, value=float(stats[key]))
         rates = getattr(getattr(self.engine, "engine", self.engine), "acceptance", None)
         if rates is not None:
             gauge = GaugeMetricFamily("trimode_draft_acceptance_rate", "running accepted / "
