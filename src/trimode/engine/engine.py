@@ -336,15 +336,19 @@ class Engine:
         try:
             model_runner.fill(self.model, view, steps)
         except Exception as exc:  # a failed forward ends its requests, never the engine
-            log.exception("recompute forward failed")
-            for s in seqs:
-                s.finish("error", f"forward failed: {type(exc).__name__}: {exc}")
-            self._release(seqs)
+            self._forward_failed(seqs, exc, "recompute forward failed")
             return
         self.pool.sync(view, start)
         self.forwards += 1
         for s in seqs:
             self.prefix.register(s)
+
+    def _forward_failed(self, seqs: list[Sequence], exc: Exception, what: str) -> None:
+        """End the requests of a forward that raised, return their pages; the engine goes on."""
+        log.exception(what)
+        for s in seqs:
+            s.finish("error", f"forward failed: {type(exc).__name__}: {exc}")
+        self._release(seqs)
 
     def _run(self, steps: list[Step], seqs: list[Sequence], start: int, prefill: bool) -> None:
         view = self.pool.view(start, start + len(seqs))
@@ -360,10 +364,7 @@ class Engine:
             results = model_runner.forward_select(self.model, view, steps, needs,
                                                   None if prefill else self.graphs)
         except Exception as exc:  # a failed forward ends its requests, never the engine
-            log.exception("forward failed")
-            for s in seqs:
-                s.finish("error", f"forward failed: {type(exc).__name__}: {exc}")
-            self._release(seqs)
+            self._forward_failed(seqs, exc, "forward failed")
             return
         self.pool.sync(view, start)
         self.forwards += 1
