@@ -273,7 +273,7 @@ def test_llama4_query_scale_values():
     _, _, scale = rotary(pos, torch.float32)
     want = [1.0, 1.0, 1 + 0.1 * math.log(2), 1 + 0.1 * math.log(2), 1 + 0.1 * math.log(3),
             1 + 0.1 * math.log(9), 1 + 0.1 * math.log(16)]
-    assert scale.shape == (1, 1, 7, 1)
+    assert scale.shape == (1, 7, 1, 1)
     torch.testing.assert_close(scale.flatten(), torch.tensor(want), rtol=0, atol=1e-6)
 
 
@@ -357,3 +357,30 @@ def test_batched_rows_equal_single_rows(nld64):
         assert (batched[i] - single).abs().max().item() <= 1e-5
     ref2 = logits_of(oracle, rows[2] + last[2])[-2:]
     assert (batched[2] - ref2).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_rope_kernels_round_like_the_textbook_formulas(dtype):
+    """RMSNorm (one ``F.rms_norm``) and RoPE (signed sin, one ``roll``) are the decode step's
+    cheaper forms of the reference's formulas; they must round bitwise the same."""
+    from trimode.model.model import RMSNorm
+    from trimode.model.rope import apply_rotary
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96)
+    norm = norm.to(dtype)
+    for scale in (0.01, 1.0, 30.0):
+        x = (torch.randn(3, 5, 96) * scale).to(dtype)
+        h = x.float()
+        want = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        assert torch.equal(norm(x), want)
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), 16)
+    cos, sin, _ = rotary(torch.arange(40).view(2, 20) * 37, dtype)
+    x = torch.randn(2, 20, 3, 16).to(dtype)
+    half_cos, half_sin = (torch.cat((f, f), -1).to(dtype)[:, :, None] for f in
+                          ((torch.arange(40).view(2, 20, 1) * 37 * rotary.inv_freq).cos(),
+                           (torch.arange(40).view(2, 20, 1) * 37 * rotary.inv_freq).sin()))
+    assert torch.equal(cos, half_cos)
+    want = x * half_cos + torch.cat((-x[..., 8:], x[..., :8]), -1) * half_sin
+    assert torch.equal(apply_rotary(x, cos, sin), want)

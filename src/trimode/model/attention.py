@@ -8,9 +8,11 @@ shared by every layer (docs/spec.md section 2.2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from .invariant import additive_bias
 from .kv_cache import KVCache
 
 
@@ -48,6 +50,12 @@ class ForwardBatch:
     adapter_rows: torch.Tensor | None
     write_index: tuple[torch.Tensor, torch.Tensor]
     real: torch.Tensor | None = None  # [N] flat indices of real tokens when rows are ragged
+
+    @cached_property
+    def bias(self) -> torch.Tensor:
+        """``mask`` as an fp64 additive bias for the batch-invariant attention (built on
+        first use, once for all layers; ``mask`` must not change after that)."""
+        return additive_bias(self.mask)
 
 
 def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: torch.Tensor,

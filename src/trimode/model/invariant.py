@@ -12,7 +12,7 @@ from torch import nn
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-           invariant: bool = False) -> torch.Tensor:
+           invariant: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q`` ``[B, H, T, D]`` over ``keys``/``values`` ``[B, Hkv, S, D]`` where
     ``mask`` ``[B, 1, T, S]`` (bool) allows; returns ``[B, H, T, D]`` in ``q``'s dtype.
 
@@ -23,7 +23,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     so a query's result no longer depends on how many queries or keys share the call
     (masked keys add exact zeros). That keeps a 1-token AR step and an 8-token verify bitwise
     equal where later layers round activations to bf16 (quantized or bf16 models), which
-    would otherwise amplify SDPA's last-bit differences into different tokens.
+    would otherwise amplify SDPA's last-bit differences into different tokens. ``bias``:
+    ``additive_bias(mask)``, when the caller built it once for all layers.
     """
     if not invariant:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
@@ -31,10 +32,19 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     b, h, t, d = q.shape
     g = h // keys.shape[1]
     qd = q.double().reshape(b, h // g, g * t, d)  # query heads grouped by their KV head
-    scores = torch.matmul(qd, keys.double().transpose(-1, -2)) * (1.0 / d ** 0.5)
-    scores = scores.view(b, h, t, -1).masked_fill(~mask, float("-inf"))
+    scores = torch.matmul(qd, keys.double().transpose(-1, -2)).view(b, h, t, -1)
+    # bias + scores / sqrt(d) in one op: exactly masked_fill(scores / sqrt(d), ~mask, -inf),
+    # as adding 0 is exact and -inf absorbs any finite score
+    bias = additive_bias(mask) if bias is None else bias
+    scores = torch.add(bias, scores, alpha=1.0 / d ** 0.5)
     probs = torch.softmax(scores, dim=-1).view(b, h // g, g * t, -1)
     return torch.matmul(probs, values.double()).view(b, h, t, d).to(q.dtype)
+
+
+def additive_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A bool ``mask`` as an fp64 additive bias: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
 
 
 def set_batch_invariant(net: nn.Module, on: bool = True) -> None:

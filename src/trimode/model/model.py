@@ -29,9 +29,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 as the reference does, then cast back (matters in bf16).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # F.rms_norm is one kernel with the reference's rounding (bitwise, checked in tests).
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -98,30 +99,36 @@ class Attention(nn.Module):
         (ragged rows: projections skip the padding; attention runs on the padded layout)."""
         real = batch.real
         b, t = batch.positions.shape
-        ad = batch.adapter_rows
-
-        def heads(y: torch.Tensor, n: int) -> torch.Tensor:
-            if real is not None:
-                y = _scatter_rows(y, real, b, t)
-            return y.view(b, t, n, self.head_dim).transpose(1, 2)
-
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if self.qkv is None:
-            q, k, v = (proj(x, ad) for proj in projs)
-        else:  # one matmul for the three (model.fused); adapter deltas per projection
-            parts = self.qkv.base(x).split([p.out_features for p in projs], -1)
-            q, k, v = (p.add_delta(y, x, ad) for p, y in zip(projs, parts))
-        q, k, v = heads(q, self.heads), heads(k, self.kv_heads), heads(v, self.kv_heads)
+        h, kv = self.heads, self.kv_heads
+        y = self.project(x, batch.adapter_rows)  # [B, T, (h + 2 kv) * head_dim] or [N, ...]
+        if real is not None:
+            y = _scatter_rows(y, real, b, t)
+        y = y.view(b, t, h + 2 * kv, self.head_dim)
         cos, sin, q_scale = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk = apply_rotary(y[:, :, :h + kv], cos, sin)  # queries and keys in one pass
+        q, k, v = qk[:, :, :h], qk[:, :, h:], y[:, :, h + kv:]
         if q_scale is not None:
             q = q * q_scale  # Llama-4 query scale, after RoPE, keys unscaled (spec 1.3)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         cache = batch.cache
         cache.store(self.layer, batch.write_index, k, v)
         keys, values = cache.window(self.layer, batch.mask.shape[-1])
-        o = attend(q, keys, values, batch.mask, self.batch_invariant)
+        o = attend(q, keys, values, batch.mask, self.batch_invariant,
+                   batch.bias if self.batch_invariant else None)
         o = o.transpose(1, 2).reshape(b, t, -1)
-        return self.o_proj(o if real is None else o.reshape(b * t, -1)[real], ad)
+        return self.o_proj(o if real is None else o.reshape(b * t, -1)[real], batch.adapter_rows)
+
+    def project(self, x: torch.Tensor, ad: torch.Tensor | None) -> torch.Tensor:
+        """q, k and v of ``x`` side by side on the last axis (one matmul when fused,
+        ``model.fused``; adapter deltas per projection)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv is None:
+            return torch.cat([proj(x, ad) for proj in projs], -1)
+        y = self.qkv.base(x)
+        if ad is None or all(p.lora_A is None for p in projs):
+            return y
+        parts = y.split([p.out_features for p in projs], -1)
+        return torch.cat([p.add_delta(z, x, ad) for p, z in zip(projs, parts)], -1)
 
 
 class MLP(nn.Module):

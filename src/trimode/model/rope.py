@@ -62,19 +62,23 @@ class RotaryEmbedding(torch.nn.Module):
         self.scale_period = rope.original_max_position_embeddings
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """positions ``[B, T]`` (int64) -> cos, sin ``[B, 1, T, head_dim]`` and q scale ``[B, 1, T, 1]``."""
+        """positions ``[B, T]`` (int64) -> cos, signed sin ``[B, T, 1, head_dim]`` (for
+        ``apply_rotary``) and the query scale ``[B, T, 1, 1]`` (None without Llama-4 scaling)."""
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.attention_factor).to(dtype)[:, None]
-        sin = (emb.sin() * self.attention_factor).to(dtype)[:, None]
+        cos = (emb.cos() * self.attention_factor).to(dtype)[:, :, None]
+        sin = (emb.sin() * self.attention_factor).to(dtype)[:, :, None]
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         if self.beta is None or not self.scale_period:
             return cos, sin, None
         scale = 1 + self.beta * torch.log(1 + torch.floor(positions.float() / self.scale_period))
-        return cos, sin, scale.to(dtype)[:, None, :, None]
+        return cos, sin, scale.to(dtype)[:, :, None, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX rotate-half RoPE on ``x`` ``[B, H, T, D]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """NeoX rotate-half RoPE on ``x`` ``[B, T, H, D]`` with ``RotaryEmbedding``'s tables:
+    ``x * cos + rotate_half(x) * sin``, where ``rotate_half(x) = (-x2, x1)``; ``sin`` comes
+    with its first half negated so the rotation is one ``roll`` (``(-a) * b == a * (-b)``
+    exactly, so the result is bitwise the textbook formula's)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
