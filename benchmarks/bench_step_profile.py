@@ -74,7 +74,8 @@ def timed(llm, params) -> tuple[float, float, int]:
 def step_ms(llms: dict, tokens: int, rounds: int) -> dict:
     """Per-decode-step wall and CPU ms of each of ``llms`` (name -> (LLM, SamplingParams
     class)), rounds interleaved: (generate of 1 + tokens) - (generate of 1), / tokens;
-    medians, and the CPU minimum."""
+    medians, and the CPU minimum; with a "baseline", the median of the per-round CPU
+    differences and in how many rounds "this" was faster."""
     walls, cpus = ({name: [] for name in llms} for _ in range(2))
     for r in range(rounds + 1):  # round 0 warms up
         for name, (llm, params) in llms.items():
@@ -83,9 +84,25 @@ def step_ms(llms: dict, tokens: int, rounds: int) -> dict:
             if r:
                 walls[name].append((wn - w1) / (n - 1))
                 cpus[name].append((cn - c1) / (n - 1))
-    return {name: {"wall_ms_per_step": round(statistics.median(walls[name]), 2),
-                   "cpu_ms_per_step": round(statistics.median(cpus[name]), 2),
-                   "cpu_ms_per_step_min": round(min(cpus[name]), 2)} for name in llms}
+    out = {name: {"wall_ms_per_step": round(statistics.median(walls[name]), 2),
+                  "cpu_ms_per_step": round(statistics.median(cpus[name]), 2),
+                  "cpu_ms_per_step_min": round(min(cpus[name]), 2)} for name in llms}
+    if "baseline" in llms:  # paired by round: the two ran within seconds of each other
+        diff = [a - b for a, b in zip(cpus["this"], cpus["baseline"])]
+        out["this_minus_baseline_cpu_ms"] = {
+            "median": round(statistics.median(diff), 2),
+            "rounds_faster": f"{sum(d < 0 for d in diff)}/{len(diff)}"}
+    return out
+
+
+def aten_calls_per_step(llm, params) -> int:
+    """aten calls (all levels) of one decode step: a 3-token generate minus a 2-token one."""
+    counts = []
+    for n in (2, 3):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+            timed(llm, params(mode="ar", max_tokens=n, temperature=0))
+        counts.append(sum(e.count for e in p.key_averages() if e.key.startswith("aten::")))
+    return counts[1] - counts[0]
 
 
 def module_of(filename: str) -> str:
@@ -163,8 +180,10 @@ def main() -> None:
         base = load_baseline(args.baseline)
         llms["baseline"] = (base.LLM(str(gguf), quantization=args.quantization, draft_adapter=False,
                                      progress=False), base.SamplingParams)
-    print(json.dumps({"quantization": llm.quantization, "threads": args.threads,
-                      **step_ms(llms, args.tokens, args.rounds)}), flush=True)
+    steps = step_ms(llms, args.tokens, args.rounds)
+    for name, (one, params) in llms.items():
+        steps[name]["aten_calls_per_step"] = aten_calls_per_step(one, params)
+    print(json.dumps({"quantization": llm.quantization, "threads": args.threads, **steps}), flush=True)
     if not args.no_profile:
         profile(llm, args.tokens)
 
