@@ -105,27 +105,42 @@ def aten_calls_per_step(llm, params) -> int:
     return counts[1] - counts[0]
 
 
-def module_of(filename: str) -> str:
-    """A short group name for a source file."""
-    if "trimode" in filename:
-        part = filename.split("trimode/", 1)[-1]
-        return part.removesuffix(".py")
-    if "torch" in filename:
-        return "torch (python)"
-    return "other (python)"
+def module_of(filename: str) -> str | None:
+    """A short group name for a trimode source file; None for any other file."""
+    if "trimode/" in filename and "trimode/bench" not in filename:
+        return filename.split("trimode/", 1)[-1].removesuffix(".py")
+    return None
+
+
+KERNELS = ("_weight_int8pack_mm", "_weight_int4pack_mm")  # named apart in the table
 
 
 def by_module(stats: pstats.Stats) -> dict[str, float]:
-    """Seconds per module: a Python function's own time goes to its file, a builtin's (C
-    call, e.g. a torch op) to the files of its callers, in proportion to their calls' time."""
+    """Seconds per trimode module: each function's own time, and that of everything it calls
+    outside trimode (torch's Python wrappers, C builtins such as the aten ops), goes to the
+    nearest trimode caller, split over callers by their share of the calls' time; the
+    quantized matmul kernels get lines of their own."""
     out: dict[str, float] = defaultdict(float)
-    for (filename, _, name), (_, _, tt, _, callers) in stats.stats.items():
-        if filename != "~":
-            out[module_of(filename)] += tt
-            continue
-        total = sum(c[2] for c in callers.values()) or 1.0
-        for (cfile, _, _), c in callers.items():
-            out[module_of(cfile)] += tt * c[2] / total
+
+    def charge(func, seconds: float, depth: int = 0) -> None:
+        module = module_of(func[0])
+        if module is not None:
+            out[module] += seconds
+            return
+        callers = stats.stats[func][4]
+        total = sum(c[3] for c in callers.values())
+        if not callers or total <= 0 or depth > 30:
+            out["outside trimode"] += seconds
+            return
+        for caller, c in callers.items():
+            charge(caller, seconds * c[3] / total, depth + 1)
+
+    for func, (_, _, tt, _, _) in stats.stats.items():
+        kernel = next((k for k in KERNELS if k in func[2]), None)
+        if kernel is not None:
+            out[f"aten {kernel} (kernel)"] += tt
+        else:
+            charge(func, tt)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
