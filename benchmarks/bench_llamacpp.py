@@ -6,8 +6,8 @@ source inside PyPI's ``llama-cpp-python==0.3.36`` sdist, once, under ``$TRIMODE_
 (llama.cpp's AMX path crashes in some virtual machines); skipped with a message when cmake or a
 C++ compiler is missing. Then, per round, llama.cpp ``tg64`` / ``pp8`` / ``pp16`` and trimode's
 ar, linear_spec, quadratic_spec and diffusion tokens/s (batch 1, held-out prompts, greedy) on
-the same file; the table reports medians over rounds and the ratio to llama.cpp tg64. The
-machine may be shared: only the ratios within one run mean anything.
+the same file (after one untimed warm-up generate per mode); the table reports medians over
+rounds and the ratio to llama.cpp tg64. The machine may be shared: only the ratios within one run mean anything.
 
     python benchmarks/bench_llamacpp.py [--gguf FILE] [--threads 2] [--rounds 3] [--write]
 """
@@ -125,6 +125,7 @@ def main() -> None:
               progress=False)
     sets = eval_prompts(n_gsm=args.prompts)
     prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]
+    trimode_rates(llm, prompts[:1], 4)  # warm-up: first calls of each mode are not timed
     peer, ours = [], []
     for r in range(args.rounds):
         if bin_dir is not None:

@@ -10,6 +10,9 @@ to the module that called it), so the step's cost splits into model / attention 
 quantized layers / engine, scheduler and sampling. Prints ``lscpu``'s model and flags first;
 the machine may be shared, so read CPU ms and shares, not wall time alone.
 
+It also times the step's matmuls alone (``kernel_ms``: every layer's projections and the head,
+back to back, at 1 and 8 tokens), the floor a step cannot go under on these kernels.
+
 ``--baseline SRC`` (a ``src`` directory holding another ``trimode``, e.g. one from ``git
 archive``) loads that version as a second package beside this one and alternates the two
 every round, so a change is measured before/after in the same process and moment.
@@ -93,6 +96,29 @@ def step_ms(llms: dict, tokens: int, rounds: int) -> dict:
             "median": round(statistics.median(diff), 2),
             "rounds_faster": f"{sum(d < 0 for d in diff)}/{len(diff)}"}
     return out
+
+
+def kernel_ms(model, tokens: int, rounds: int = 5) -> float:
+    """Median ms of the decode step's matmuls alone, called back to back on ``tokens`` random
+    rows in the forward's order (every layer's fused or separate projections, then the head):
+    the weights stream from memory as in a step, so this is the step's floor on these kernels."""
+    layers = []
+    for layer in model.encoder.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers += [attn.qkv] if attn.qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+        layers.append(attn.o_proj)
+        layers += [mlp.gate_up] if mlp.gate_up is not None else [mlp.gate_proj, mlp.up_proj]
+        layers.append(mlp.down_proj)
+    layers.append(model.diffusion_head)
+    xs = {n: torch.randn(tokens, n, dtype=model.dtype) for n in {x.in_features for x in layers}}
+    times = []
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            start = time.perf_counter()
+            for x in layers:
+                x.base(xs[x.in_features])
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[1:])
 
 
 def aten_calls_per_step(llm, params) -> int:
@@ -196,6 +222,8 @@ def main() -> None:
         llms["baseline"] = (base.LLM(str(gguf), quantization=args.quantization, draft_adapter=False,
                                      progress=False), base.SamplingParams)
     steps = step_ms(llms, args.tokens, args.rounds)
+    print(json.dumps({"matmuls_alone_ms": {f"{t} token(s)": round(kernel_ms(llm.model, t), 2)
+                                           for t in (1, 8)}}), flush=True)
     for name, (one, params) in llms.items():
         steps[name]["aten_calls_per_step"] = aten_calls_per_step(one, params)
     print(json.dumps({"quantization": llm.quantization, "threads": args.threads, **steps}), flush=True)
