@@ -7,7 +7,8 @@ source inside PyPI's ``llama-cpp-python==0.3.36`` sdist, once, under ``$TRIMODE_
 C++ compiler is missing. Then, per round, llama.cpp ``tg64`` / ``pp8`` / ``pp16`` and trimode's
 ar, linear_spec, quadratic_spec and diffusion tokens/s (batch 1, held-out prompts, greedy) on
 the same file (after one untimed warm-up generate per mode); the table reports medians over
-rounds and the ratio to llama.cpp tg64. The machine may be shared: only the ratios within one run mean anything.
+rounds and the ratio to llama.cpp tg64. The machine may be shared: only the ratios within one
+run mean anything.
 
     python benchmarks/bench_llamacpp.py [--gguf FILE] [--threads 2] [--rounds 3] [--write]
 """
