@@ -395,7 +395,91 @@ def test_draft_blocks_training_learns_to_draft(small, tmp_path):
     (dict(draft_blocks=4, method="draft_lora", kl_weight=2.0), r"kl_weight must be in \[0, 1\]"),
     (dict(draft_blocks=4, method="draft_lora", draft_layout_rate=0, denoise_layout_rate=0,
           masked_layout_rate=0), "draft_layout_rate must be > 0"),
+    (dict(draft_blocks=4, method="draft_lora", certainty_weight=-0.5),
+     r"certainty_weight must be in \[0, 10\]"),
+    (dict(method="draft_lora", certainty_weight=0.5), "0 unless draft_blocks > 0"),
+    (dict(method="full", init_adapter="x"), "init_adapter must be unset with method full"),
 ])
 def test_bad_block_config_is_a_clear_error(small, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         config(small, tmp_path, **kw)
+
+
+def test_certainty_forcing_adds_the_entropy_of_right_slots(small):
+    """certainty_weight w adds w x (sum of the adapter's entropy over scored slots whose
+    argmax equals the base's) / (scored slots) to the loss, and nothing else changes."""
+    from trimode.training.objective import _head, block_loss
+
+    model = lora_model(small)
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(4, 90, (2, 24), generator=gen)
+    valid = torch.ones_like(tokens, dtype=torch.bool)
+    loss = valid.clone()
+    loss[:, :6] = False
+    kw = dict(block_length=4, blocks=6, layout_rates=(0.4, 0.3, 0.3), eps=1e-3, kl_weight=0.2)
+    captured = []
+    hook = model.encoder.norm.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    try:
+        with torch.no_grad():
+            plain = block_loss(model, tokens, valid, loss, torch.Generator().manual_seed(9), **kw)
+            captured.clear()
+            forced = block_loss(model, tokens, valid, loss, torch.Generator().manual_seed(9),
+                                certainty_weight=0.7, **kw)
+    finally:
+        hook.remove()
+    assert forced.diff_count == plain.diff_count and forced.diff_sum == plain.diff_sum
+    # recompute the entropy term from the adapter pass's hidden states, textbook-style
+    from trimode.training.masks import sample_blocks
+
+    starts, masked, present = sample_blocks(valid, loss, 4, 6, (0.4, 0.3, 0.3),
+                                            torch.Generator().manual_seed(9), 1e-3)
+    mask_id = model.config.mask_token_id
+    clean, noisy = captured[0], captured[1]
+    pos = (starts[..., None] + torch.arange(4)).view(2, -1)
+    teacher_logits = _head(model, clean)
+    teacher_logits[..., mask_id] = float("-inf")
+    teacher = torch.cat([tokens[:, :1], teacher_logits[:, :-1].argmax(-1)], 1)
+    entropy, n = 0.0, 0
+    for r in range(2):
+        for k in range(6):
+            chain = True
+            for i in range(4):
+                q = k * 4 + i
+                j = int(pos[r, q])
+                if not masked[r, k, i]:
+                    continue
+                if chain and j >= 1 and bool(present[r, k]) and bool(loss[r, j]):
+                    n += 1
+                    logits = _head(model, noisy[r, q])
+                    logits[mask_id] = float("-inf")
+                    if int(logits.argmax()) == int(teacher[r, j]):
+                        p = logits.softmax(-1)
+                        entropy += float(-(p[p > 0] * p[p > 0].log()).sum())
+                if int(tokens[r, j]) != int(teacher[r, j]):
+                    chain = False
+    assert n == plain.diff_count and entropy > 0
+    expected = float(plain.total) + 0.7 * entropy / n
+    assert abs(float(forced.total) - expected) < 1e-4 * max(1.0, expected), \
+        (float(forced.total), expected)
+
+
+def test_init_adapter_warm_starts_and_checks_the_rank(small, tmp_path):
+    """A run started from a saved adapter begins with exactly its tensors; a rank that does
+    not fit is a ValueError naming init_adapter."""
+    from trimode.training.lora import lora_state
+
+    first, _ = train(config(small, tmp_path / "a", method="draft_lora", lora_rank=4,
+                            draft_blocks=4, steps=3), resume=False)
+    saved = tmp_path / "a" / "run" / "adapter"
+    warm = Trainer(config(small, tmp_path / "b", method="draft_lora", lora_rank=4,
+                          draft_blocks=4, init_adapter=str(saved)))
+    want, got = lora_state(first.model), lora_state(warm.model)
+    assert want.keys() == got.keys() and any(bool(v.abs().sum()) for k, v in want.items()
+                                             if "lora_B" in k)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(ValueError, match="init_adapter: .*lora_rank needs"):
+        Trainer(config(small, tmp_path / "c", method="draft_lora", lora_rank=2,
+                       draft_blocks=4, init_adapter=str(saved)))
+    with pytest.raises(ValueError, match="init_adapter: .* does not exist"):
+        Trainer(config(small, tmp_path / "d", method="draft_lora", lora_rank=4,
+                       draft_blocks=4, init_adapter=str(tmp_path / "nowhere")))

@@ -51,6 +51,12 @@ def add_train_parser(sub, parser_class) -> None:
     p.add_argument("--kl-weight", type=float, default=0.5,
                    help="with --draft-blocks: weight of KL(base || adapter) against CE on the "
                    "base's argmax, in [0, 1]")
+    p.add_argument("--certainty-weight", type=float, default=0.0,
+                   help="with --draft-blocks: weight of the certainty-forcing term (the "
+                   "adapter's entropy where its argmax is already right), in [0, 10]")
+    p.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="draft_lora: start from this saved adapter (same rank) instead of "
+                   "PEFT's initialisation")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="one example per row (truncated, padded) instead of packing")

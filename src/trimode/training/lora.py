@@ -76,3 +76,29 @@ def save_adapter(model: TriModeModel, directory: Path, rank: int, alpha: float,
     passes = ["draft", "denoise"] if denoise else ["draft"]
     (directory / ROLE_FILE).write_text(json.dumps({"passes": passes}) + "\n")
     return directory
+
+
+@torch.no_grad()
+def init_from_adapter(model: TriModeModel, directory: Path) -> None:
+    """Warm start: copy a saved adapter's ``lora_A``/``lora_B`` (PEFT names, as
+    ``save_adapter`` writes) into the attached ones. Raises ValueError naming
+    ``init_adapter`` when the file is missing, a module has no tensor there, or a shape
+    (the rank) differs."""
+    from safetensors.torch import load_file
+
+    file = Path(directory) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ValueError(f"init_adapter: {file} does not exist")
+    saved = load_file(str(file))
+    for name, linear in sorted(targets(model).items()):
+        if linear.lora_A is None:
+            continue
+        for part, param in (("lora_A", linear.lora_A), ("lora_B", linear.lora_B)):
+            key = f"base_model.model.{name}.{part}.weight"
+            if key not in saved:
+                raise ValueError(f"init_adapter: {directory} has no {key}")
+            if saved[key].shape != param.shape:
+                raise ValueError(f"init_adapter: {key} is {tuple(saved[key].shape)} in "
+                                 f"{directory}, the run's lora_rank needs "
+                                 f"{tuple(param.shape)}")
+            param.copy_(saved[key])

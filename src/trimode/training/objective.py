@@ -130,7 +130,7 @@ def joint_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
 def block_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
                loss_mask: torch.Tensor, generator: torch.Generator, *, block_length: int,
                blocks: int, layout_rates: tuple[float, float, float], eps: float,
-               kl_weight: float = 0.5) -> LossParts:
+               kl_weight: float = 0.5, certainty_weight: float = 0.0) -> LossParts:
     """Draft-adapter loss on ``blocks`` sampled decode-time blocks per row (``[B, L]`` in).
 
     One no-grad causal pass of the frozen base gives the clean K/V, its argmax (the targets)
@@ -145,6 +145,10 @@ def block_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
     ``chain_valid``'s rule). Loss per scored slot: (1 - kl_weight) x CE(base argmax) +
     kl_weight x KL(base || adapter), averaged over scored slots (unweighted: the 1/p weight
     of spec 2.3 is for training the base, and here every target is exact).
+    ``certainty_weight`` adds dParallel's certainty forcing: that weight x the entropy of the
+    adapter's distribution at every scored slot whose argmax already equals the target, so
+    correct predictions grow confident enough to pass a decoder's threshold (a diffusion
+    pass then unmasks more slots) while wrong ones are left to the CE and KL terms.
     """
     b, length = tokens.shape
     mask_id = model.config.mask_token_id
@@ -187,4 +191,10 @@ def block_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
         s_logp = student.masked_fill(torch.isinf(student), -1e4).log_softmax(-1)
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
         total = total + kl_weight * kl.sum()
+    if certainty_weight > 0:
+        right = student.detach().argmax(-1) == label
+        if bool(right.any()):
+            s_logp = student[right].masked_fill(torch.isinf(student[right]), -1e4).log_softmax(-1)
+            entropy = -(s_logp.exp() * s_logp).sum(-1)
+            total = total + certainty_weight * entropy.sum()
     return LossParts(total / n, 0.0, 0, float(ce.detach().sum()), n)

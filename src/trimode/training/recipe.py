@@ -12,7 +12,11 @@ training):
    sampled decode-time blocks per 256-token row (``--draft-blocks``: seed + masks as a
    linear_spec draft, random-ratio masks as a diffusion pass, all masks as a quadratic_spec
    segment), labelled by the base's own argmax and distribution.
-The adapter lands in ``OUT/run/adapter``; copy it to ``src/trimode/weights/smollm2-tri``.
+3. stage 2, ``WARM``: the stage-1 adapter (``OUT/run/adapter``, or ``--stage1 DIR`` to
+   start from an adapter already made, such as the previously shipped one) trained 600 more
+   steps with certainty forcing (dParallel: the adapter's entropy where its argmax is
+   already the base's) and a lower KL weight, into ``OUT/run2``.
+The adapter lands in ``OUT/run2/adapter``; copy it to ``src/trimode/weights/smollm2-tri``.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ RECIPE = dict(method="draft_lora", lora_rank=16, lora_alpha=32.0, denoise=True,
               seq_length=256, pack=False, batch_size=1, grad_accum=1, steps=2000, lr=1e-3,
               warmup_steps=20, min_lr_ratio=0.1, seed=0, eval_fraction=0.01,
               eval_every=500, eval_prompts=4, eval_max_tokens=32, save_every=25)
+WARM = {**RECIPE, "steps": 600, "lr": 5e-4, "kl_weight": 0.1, "certainty_weight": 0.5,
+        "eval_every": 0}
 
 
 def self_distill(out: Path, prompts: int, workers: int) -> Path:
@@ -62,9 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
-    p.add_argument("--steps", type=int, default=RECIPE["steps"])
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop and save at this step (the schedule stays that of --steps)")
+    p.add_argument("--stage1", type=Path, default=None, metavar="DIR",
+                   help="skip stage 1 and warm-start stage 2 from this adapter directory")
     p.add_argument("--threads", type=int, default=2, help="training threads")
     p.add_argument("--workers", type=int, default=2, help="generation processes (1 thread each)")
     p.add_argument("--prompts", type=int, default=PROMPTS,
@@ -73,9 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = self_distill(args.out, args.prompts, args.workers)
     torch.set_num_threads(args.threads)
-    config = TrainConfig(data=(str(data),), out=str(args.out / "run"),
-                         **{**RECIPE, "steps": args.steps})
-    train(config, resume=True, stop_after=args.stop_after)
+    stage1 = args.stage1
+    if stage1 is None:
+        train(TrainConfig(data=(str(data),), out=str(args.out / "run"), **RECIPE), resume=True)
+        stage1 = args.out / "run" / "adapter"
+    train(TrainConfig(data=(str(data),), out=str(args.out / "run2"),
+                      init_adapter=str(stage1), **WARM), resume=True)
 
 
 if __name__ == "__main__":

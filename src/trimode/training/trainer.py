@@ -48,6 +48,8 @@ class TrainConfig:
     denoise_layout_rate: float = 0.3
     masked_layout_rate: float = 0.2
     kl_weight: float = 0.5
+    certainty_weight: float = 0.0
+    init_adapter: str | None = None
     seq_length: int = 256
     pack: bool = True
     batch_size: int = 1
@@ -90,6 +92,11 @@ class TrainConfig:
              + self.denoise_layout_rate + self.masked_layout_rate > 0,
              "> 0 when draft, denoise and masked layout rates are all 0"),
             ("kl_weight", 0 <= self.kl_weight <= 1, "in [0, 1]"),
+            ("certainty_weight", 0 <= self.certainty_weight <= 10
+             and (self.certainty_weight == 0 or self.draft_blocks > 0),
+             "in [0, 10], and 0 unless draft_blocks > 0 (it weighs the sampled-block loss)"),
+            ("init_adapter", self.init_adapter is None or self.method == "draft_lora",
+             "unset with method full (it warm-starts a draft_lora adapter)"),
             ("batch_size", self.batch_size >= 1, "an integer >= 1"),
             ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
             ("steps", self.steps >= 1, "an integer >= 1"),
@@ -161,7 +168,12 @@ class Trainer:
         if c.method == "draft_lora":
             from .lora import attach_lora
 
-            return attach_lora(self.model, c.lora_rank, c.lora_alpha, c.seed)
+            params = attach_lora(self.model, c.lora_rank, c.lora_alpha, c.seed)
+            if c.init_adapter is not None:
+                from .lora import init_from_adapter
+
+                init_from_adapter(self.model, Path(c.init_adapter))
+            return params
         self.model.train()
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -184,7 +196,8 @@ class Trainer:
                               generator, block_length=c.block_length, blocks=c.draft_blocks,
                               layout_rates=(c.draft_layout_rate, c.denoise_layout_rate,
                                             c.masked_layout_rate),
-                              eps=c.eps, kl_weight=c.kl_weight)
+                              eps=c.eps, kl_weight=c.kl_weight,
+                              certainty_weight=c.certainty_weight)
         return joint_loss(self.model, rows.tokens[idx], rows.valid[idx], rows.loss[idx],
                           generator, block_length=c.block_length, alpha=c.alpha, eps=c.eps,
                           draft_adapter=c.method == "draft_lora", targets=c.targets,
