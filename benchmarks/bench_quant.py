@@ -34,7 +34,8 @@ def load(fmt: str, q8_file: Path | None):
     dtype = torch.bfloat16 if fmt.endswith("bf16") else torch.float32
     scheme = fmt.split("/")[0]
     if scheme.startswith("Q8_0"):  # "Q8_0": requantized to int8 rows; "Q8_0-dense": fp32 values
-        return LLM(str(q8_file), dtype=dtype, quantization="int8" if scheme == "Q8_0" else None,
+        quantization = {"Q8_0": "int8", "Q8_0-w8a8": "w8a8"}.get(scheme)
+        return LLM(str(q8_file), dtype=dtype, quantization=quantization,
                    draft_adapter=False, progress=False)
     return LLM(dtype=dtype, quantization=None if scheme in ("fp32", "bf16") else scheme,
                draft_adapter=False, progress=False)

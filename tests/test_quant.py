@@ -129,13 +129,14 @@ def test_q8_0_gguf_loads_quantized_and_generates(q8_gguf):
     assert int(cache.lengths[0]) == 6 + 8 and all(0 <= t < net.config.vocab_size for t in out)
 
 
-def test_exact_modes_equal_ar_within_a_quantized_model(tiny, tmp_path):
-    """int4 everywhere (int8 head) plus a draft adapter on quantized layers: linear_spec and
-    quadratic_spec still give exactly ar's tokens."""
+@pytest.mark.parametrize("scheme", ["int4", "w8a8"])
+def test_exact_modes_equal_ar_within_a_quantized_model(tiny, tmp_path, scheme):
+    """int4 everywhere (int8 head), or w8a8, plus a draft adapter on quantized layers:
+    linear_spec and quadratic_spec still give exactly ar's tokens."""
     directory, oracle = tiny
     save_peft_adapter(oracle, tmp_path, targets=("o_proj", "gate_proj", "q_proj"))
-    llm = LLM(str(directory), quantization="int4", draft_adapter=str(tmp_path))
-    assert llm.quantization == "int4"
+    llm = LLM(str(directory), quantization=scheme, draft_adapter=str(tmp_path))
+    assert llm.quantization == scheme
     assert llm.model.encoder.layers[0].self_attn.q_proj.lora_A is not None
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [40]]
     ar = [o.token_ids for o in llm.generate(prompts, SamplingParams(mode="ar", max_tokens=12))]
@@ -174,6 +175,42 @@ def test_unreadable_gguf_type_names_tensor_and_type(tmp_path):
     writer.close()
     with pytest.raises(CheckpointError, match=r"blk\.0\.ffn_up\.weight.*Q8_1"):
         LLM(str(tmp_path / "bad.gguf"))
+
+
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_w8a8_is_per_token_int8_on_exact_integer_products(monkeypatch, reduce_range):
+    """w8a8: each token's activations rounded to integers on their own scale (max |x| -> 127,
+    or 63 on CPUs without VNNI), multiplied by the int8 weights in integers: equal to a
+    textbook int64 reference up to fp32 rounding. A token's result does not depend on its
+    neighbours in the call (the exact modes rely on it); zero rows give zeros."""
+    from trimode.quant import layers
+
+    monkeypatch.setattr(layers, "_reduce_range", lambda: reduce_range)
+    if layers.w8a8_unavailable():
+        pytest.skip(layers.w8a8_unavailable())
+    torch.manual_seed(3)
+    w = torch.randn(80, 96)
+    weight = int8_from_float(w)
+    layer = QuantLinear(weight, torch.float32, activations="int8")
+    x = torch.randn(12, 96) * torch.logspace(-3, 2, 12)[:, None]  # rows of very different size
+    x[5] = 0.0
+    out = layer(x)
+    level = layer._level
+    assert level == (63 if reduce_range else 127)
+    step = x.abs().amax(1, keepdim=True).clamp(min=1e-30) / level
+    qx = torch.round(x / step).long()
+    assert int(qx.abs().max()) == level
+    ref = (qx @ weight.q.long().T).double() * weight.scale.double() * step.double()
+    err = (out.double() - ref).abs() / ref.abs().amax(1, keepdim=True).clamp(min=1e-30)
+    assert float(err.max()) < 1e-5, float(err.max())
+    assert torch.equal(out[5], torch.zeros(80))
+    # the quantization error against the float product is that of 8-bit activations
+    dense = x @ weight.dequantize().T
+    assert (out - dense).abs().max() <= (4e-2 if reduce_range else 2e-2) * dense.abs().max()
+    rows = torch.cat([layer(x[i:i + 1]) for i in range(12)])
+    assert torch.equal(rows, out)
+    shuffled = layer(x.flip(0)).flip(0)
+    assert torch.equal(shuffled, out)
 
 
 def test_bad_quantization_value():

@@ -1,10 +1,12 @@
-"""Weight-only quantization: ``quantize_model(net, "int8" | "int4", gguf_file)``.
+"""Quantization: ``quantize_model(net, "int8" | "int4" | "w8a8", gguf_file)``.
 
 Replaces the decoder's linear layers and the head with :class:`~.layers.QuantLinear`
 (PyTorch's CPU int8/int4 kernels); embeddings and norms keep the model dtype. From a GGUF
 file, Q4_0 / Q4_1 / Q4_K blocks become int4 layers exactly (``gguf_blocks``); other types are
 quantized from their dequantized values. ``"auto"`` picks per file: int4 when the decoder's
 linears are 4-bit in the GGUF, int8 for other quantized GGUFs, none for float checkpoints.
+``"w8a8"``: int8 weights (the head included) and per-token int8 activations on fbgemm
+(``layers``): the fastest on x86 CPUs, at an accuracy cost measured in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from .layers import (
     QuantLinear,
     int4_from_float,
     int8_from_float,
+    w8a8_unavailable,
 )
 
-SCHEMES = ("none", "int8", "int4", "auto")
+SCHEMES = ("none", "int8", "int4", "w8a8", "auto")
 __all__ = ["SCHEMES", "QuantLinear", "quantize_model", "check_scheme", "Int8Weight", "Int4Weight",
            "int8_from_float", "int4_from_float", "COMPUTE_DTYPE"]
 
@@ -98,8 +101,11 @@ def quantize_model(net: TriModeModel, scheme: str, gguf_file: Path | None = None
     if net.device.type != "cpu":
         raise ValueError(f"quantization={scheme!r} uses PyTorch's CPU int8/int4 kernels; "
                          f"the model is on {net.device}")
+    if scheme == "w8a8" and (why := w8a8_unavailable()):
+        raise ValueError(f"quantization='w8a8': {why}; use 'int8'")
     raw = _gguf_raw(gguf_file)[0] if gguf_file is not None else {}
-    bits = 8 if scheme == "int8" else 4
+    bits = 4 if scheme == "int4" else 8
+    activations = "int8" if scheme == "w8a8" else "bf16"
     dtype = net.dtype
     for name, module in list(net.named_modules()):
         if not isinstance(module, Linear) or isinstance(module, QuantLinear):
@@ -119,7 +125,7 @@ def quantize_model(net: TriModeModel, scheme: str, gguf_file: Path | None = None
         else:
             w = int8_from_float(dense) if want == 8 else int4_from_float(dense)
             source = f"int{want} from {str(module.weight.dtype).removeprefix('torch.')}"
-        quant = QuantLinear(w, dtype, source)
+        quant = QuantLinear(w, dtype, source, activations if want == 8 else "bf16")
         parent, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child, quant)
     # the int kernels round activations to bf16, which turns attention's last-bit differences

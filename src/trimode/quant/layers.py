@@ -7,13 +7,26 @@
 Both kernels are only fast with bf16 activations (fp32 activations take a scalar path that
 was measured 10-100x slower than a dense fp32 GEMV on this project's CPUs), so the matmul runs
 in bf16 and the result is cast back to the caller's dtype; the rest of the model keeps its
-dtype. Both kernels compute each row of ``x`` independently (the result for a token does not
+dtype.
+
+``w8a8``: the same int8 weights (fp32 scales), and each token's activations rounded to int8
+at run time (per token, symmetric: ``round(x / max|x| * 127)``; 63 on CPUs without VNNI), multiplied in integers by fbgemm
+(``torch.ops.quantized.linear_dynamic``, PyTorch's x86 int8 GEMM, VNNI where the CPU has
+it), as llama.cpp multiplies Q8_0 weights with activations it rounds to 8 bits. fbgemm picks
+one activation scale per call from the tensor's min and max; a first sentinel row holding
++-127.5 fixes that range to steps of exactly 1, so every token is quantized on its own and its result does
+not depend on the tokens sharing the call. The integer products are exact, so the exact
+modes stay exact within a w8a8 model. Accuracy against fp32 is measured in
+benchmarks/sections/quant.md.
+
+Both kernels compute each row of ``x`` independently (the result for a token does not
 depend on how many tokens share the call; checked in tests), which keeps the exact modes exact.
 The draft adapter (LoRA) works unchanged: :class:`QuantLinear` only replaces the base matmul.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +34,26 @@ import torch
 from ..model.model import Linear
 
 COMPUTE_DTYPE = torch.bfloat16
+# fbgemm's activation range: 7 bits where the CPU lacks VNNI, whose AVX2 kernels add
+# u8 x s8 pairs in saturating int16 (``reduce_range``); 8 bits with VNNI's int32 sums
+W8A8_ACTIVATIONS = ("int8",)
+
+
+def w8a8_unavailable() -> str | None:
+    """Why ``w8a8`` cannot run here (None when it can)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "this PyTorch build has no fbgemm engine (x86 CPUs only)"
+    try:
+        torch.ops.quantized.linear_dynamic, torch.ops.quantized.linear_prepack  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return "this PyTorch build has no quantized::linear_dynamic"
+    return None
+
+
+def _reduce_range() -> bool:
+    from .cpu import cpu_info
+
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_info()["flags"])
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -81,8 +114,13 @@ class QuantLinear(Linear):
     surrounding model (LoRA tensors are kept in it).
     """
 
-    def __init__(self, weight: Int8Weight | Int4Weight, dtype: torch.dtype, source: str = ""):
+    def __init__(self, weight: Int8Weight | Int4Weight, dtype: torch.dtype, source: str = "",
+                 activations: str = "bf16"):
         torch.nn.Module.__init__(self)
+        if activations == "int8" and not isinstance(weight, Int8Weight):
+            raise ValueError("int8 activations (w8a8) need int8 weights")
+        self.activations = activations
+        self._packed = None
         self.out_features, self.in_features = weight.q.shape
         self.lora_A = self.lora_B = None
         self.lora_scale = 0.0
@@ -91,7 +129,8 @@ class QuantLinear(Linear):
         if isinstance(weight, Int8Weight):
             self.bits, self.group_size = 8, self.in_features
             self.register_buffer("qweight", weight.q.contiguous())
-            self.register_buffer("scales", weight.scale.to(COMPUTE_DTYPE))
+            self.register_buffer("scales", weight.scale.to(
+                torch.float32 if activations == "int8" else COMPUTE_DTYPE))
             self.unpacked = None
         else:
             self.bits, self.group_size = 4, weight.group_size
@@ -106,7 +145,7 @@ class QuantLinear(Linear):
 
     def stack_key(self) -> tuple:
         return (type(self), self.in_features, self.bits, self.group_size, self.activation_dtype,
-                self.bits == 8 or self.unpacked is not None)
+                self.activations, self.bits == 8 or self.unpacked is not None)
 
     @classmethod
     def stack(cls, layers: tuple[QuantLinear, ...]) -> QuantLinear:
@@ -121,6 +160,7 @@ class QuantLinear(Linear):
         fused.lora_scale = 0.0
         fused.activation_dtype, fused.bits, fused.group_size = first.activation_dtype, first.bits, first.group_size
         fused.source = first.source
+        fused.activations, fused._packed = first.activations, None
         axis = 0 if first.bits == 8 else 1
         fused.register_buffer("scales", torch.cat([x.scales for x in layers], axis).contiguous())
         if first.bits == 4:
@@ -138,7 +178,37 @@ class QuantLinear(Linear):
             start += x.out_features
         return fused
 
+    def packed(self):
+        """fbgemm's packed weight (made on first use: after any row stacking)."""
+        if self._packed is None:
+            with warnings.catch_warnings():  # quantized tensors are deprecated (not yet gone)
+                warnings.simplefilter("ignore", UserWarning)
+                q = torch._make_per_channel_quantized_tensor(
+                    self.qweight, self.scales.double(),
+                    torch.zeros(self.out_features, dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(q, None)
+            # each token is scaled to [-level, level]; a sentinel row at +-(level + 1/2) makes
+            # fbgemm's range [-(level + 1/2), level + 1/2] in 2 level + 1 steps of exactly 1,
+            # so it rounds every value to the nearest integer (the int8 the token gets)
+            self._reduce_range = _reduce_range()
+            self._level = 63.0 if self._reduce_range else 127.0
+            self._sentinel = torch.zeros(1, self.in_features)
+            self._sentinel[0, 0], self._sentinel[0, -1] = self._level + 0.5, -self._level - 0.5
+        return self._packed
+
+    def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        packed = self.packed()
+        level = self._level
+        step = x2.abs().amax(1, keepdim=True).clamp_(min=1e-30).div_(level)
+        rows = torch.cat([self._sentinel, x2 / step])  # |x / step| <= level (+ rounding)
+        out = torch.ops.quantized.linear_dynamic(rows, packed, self._reduce_range)[1:]
+        return (out * step).to(x.dtype).view(*shape[:-1], self.out_features)
+
     def base(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations == "int8":
+            return self._w8a8(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
         if self.bits == 8:
@@ -150,4 +220,5 @@ class QuantLinear(Linear):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, group_size={self.group_size}, source={self.source!r}")
+                f"bits={self.bits}, group_size={self.group_size}, "
+                f"activations={self.activations}, source={self.source!r}")

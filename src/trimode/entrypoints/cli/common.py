@@ -36,7 +36,7 @@ def add_model_args(group, model_help: str, adapter_help: str) -> None:
     group.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default=None,
                        help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: "
                        "bfloat16 on CPUs with AMX or AVX512-BF16, else float32)")
-    group.add_argument("--quantization", choices=["none", "int8", "int4", "auto"], default=None,
+    group.add_argument("--quantization", choices=["none", "int8", "int4", "w8a8", "auto"], default=None,
                        help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
                        "exactly as int4; auto: follow the GGUF file's type; default: none)")
     group.add_argument("--device", choices=["cpu", "cuda"], default=None,
