@@ -104,7 +104,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--quantization", default="auto")
+    ap.add_argument("--quantization", default="auto",
+                    help="trimode's scheme(s) on the file, comma-separated (e.g. int8,w8a8): "
+                    "each is timed in every round")
     ap.add_argument("--machine", default="shared with other jobs",
                     help="how loaded the machine was, for the table's caption")
     ap.add_argument("--write", action="store_true", help="write the table to benchmarks/sections/llamacpp.md")
@@ -122,30 +124,35 @@ def main() -> None:
         gguf = export_gguf(None, tmp / "smollm2-q8_0.gguf", "q8_0", arch="llama")
         ours_gguf = export_gguf(None, tmp / "smollm2-q8_0-dream.gguf", "q8_0", arch="dream")
     bin_dir = build()
-    llm = LLM(str(ours_gguf), quantization=args.quantization, draft_adapter=shipped_adapter() or False,
-              progress=False)
+    llms = {q: LLM(str(ours_gguf), quantization=q, draft_adapter=shipped_adapter() or False,
+                   progress=False) for q in args.quantization.split(",")}
     sets = eval_prompts(n_gsm=args.prompts)
     prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]
-    trimode_rates(llm, prompts[:1], 4)  # warm-up: first calls of each mode are not timed
-    peer, ours = [], []
+    for llm in llms.values():
+        trimode_rates(llm, prompts[:1], 4)  # warm-up: first calls of each mode are not timed
+    peer, ours = [], {q: [] for q in llms}
     for r in range(args.rounds):
         if bin_dir is not None:
             peer.append(llama_bench(bin_dir, gguf, args.threads))
-        ours.append(trimode_rates(llm, prompts, args.max_tokens))
-        print(json.dumps({"round": r, "llama.cpp": peer[-1] if peer else None, "trimode": ours[-1]}), flush=True)
+        for q, llm in llms.items():
+            ours[q].append(trimode_rates(llm, prompts, args.max_tokens))
+        print(json.dumps({"round": r, "llama.cpp": peer[-1] if peer else None,
+                          "trimode": {q: rows[-1] for q, rows in ours.items()}}), flush=True)
     med = lambda rows, k: statistics.median(row[k] for row in rows)  # noqa: E731
-    lines = [f"GGUF `{gguf.name}`, {args.threads} threads, quantization={llm.quantization}, "
+    schemes = ", ".join(f"{q} -> {llm.quantization}" for q, llm in llms.items())
+    lines = [f"GGUF `{gguf.name}`, {args.threads} threads, quantization {schemes}, "
              f"{args.rounds} interleaved rounds (medians); CPU: {cpu}; machine: {args.machine}.", "",
              "| engine | test | tokens/s | / llama.cpp tg64 |", "|---|---|---:|---:|"]
     tg = med(peer, "tg64") if peer else None
     for k in ("tg64", "pp8", "pp16"):
         if peer:
             lines.append(f"| llama.cpp | {k} | {med(peer, k):.1f} | {med(peer, k) / tg:.2f}x |")
-    for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
-        v = med(ours, mode)
-        same = f"{ours[-1][mode + ' identical to ar']}/{len(prompts)} identical to ar"
-        lines.append(f"| trimode | {mode} (block 8; {same}) | {v:.1f} | "
-                     + (f"{v / tg:.2f}x |" if tg else "– |"))
+    for q, rows in ours.items():
+        for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
+            v = med(rows, mode)
+            same = f"{rows[-1][mode + ' identical to ar']}/{len(prompts)} identical to ar"
+            lines.append(f"| trimode {llms[q].quantization} | {mode} (block 8; {same}) | {v:.1f} | "
+                         + (f"{v / tg:.2f}x |" if tg else "– |"))
     lines.append("")
     lines.append(f"Command: `python benchmarks/bench_llamacpp.py {' '.join(sys.argv[1:])}`".rstrip())
     print("\n".join(lines))
