@@ -72,7 +72,7 @@ def main() -> None:
     from trimode.quant.cpu import describe
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=15, help="timing rounds (0: accuracy only)")
     ap.add_argument("--n", type=int, default=8, help="prompts per held-out set")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
@@ -100,7 +100,7 @@ def main() -> None:
                     for t in (1, 8):
                         times[f, v, t].append(forward_ms(llm.model, 64, t))
                 variant(llm.model, "")
-    for f in formats:
+    for f in formats if args.rounds else ():
         for v in variants:
             wall, cpu = ([statistics.median(x[i] for x in times[f, v, t]) for t in (1, 8)] for i in (0, 1))
             row = dict(format=f + (f" {v}" if v else ""), ms_1=round(wall[0], 2), ms_8=round(wall[1], 2),

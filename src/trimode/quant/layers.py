@@ -201,7 +201,7 @@ class QuantLinear(Linear):
         x2 = x.reshape(-1, self.in_features).float()
         packed = self.packed()
         level = self._level
-        step = x2.abs().amax(1, keepdim=True).clamp_(min=1e-30).div_(level)
+        step = torch.linalg.vector_norm(x2, float("inf"), 1, True).clamp_(min=1e-30).div_(level)
         rows = torch.cat([self._sentinel, x2 / step])  # |x / step| <= level (+ rounding)
         out = torch.ops.quantized.linear_dynamic(rows, packed, self._reduce_range)[1:]
         return (out * step).to(x.dtype).view(*shape[:-1], self.out_features)
