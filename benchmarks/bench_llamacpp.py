@@ -71,20 +71,26 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict[str, float]:
     return {("tg" if r["n_gen"] else "pp") + str(r["n_gen"] or r["n_prompt"]): r["avg_ts"] for r in rows}
 
 
-def trimode_rates(llm, prompts, max_tokens: int) -> dict[str, float]:
+def trimode_rates(llm, prompts, max_tokens: int, blocks: tuple[int, ...] = (8,),
+                  modes: tuple[str, ...] = ("linear_spec", "quadratic_spec", "diffusion"),
+                  ) -> dict[str, float]:
+    """tokens/s of ar, then each mode at each block length (key ``"mode B=n"``), batch 1,
+    and how many of the prompts each gave exactly ar's tokens (``"... identical to ar"``)."""
     from trimode import SamplingParams
 
     rates, ids = {}, {}
-    for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
+    configs = [("ar", None)] + [(m, b) for b in blocks for m in modes]
+    for mode, block in configs:
+        key = mode if block is None else f"{mode} B={block}"
         params = SamplingParams(mode=mode, max_tokens=max_tokens, temperature=0,
-                                **({"block_length": 8} if mode != "ar" else {}))
-        start, tokens, ids[mode] = time.perf_counter(), 0, []
+                                **({"block_length": block} if block else {}))
+        start, tokens, ids[key] = time.perf_counter(), 0, []
         for p in prompts:  # batch 1
             out = llm.chat([[{"role": "user", "content": p}]], params)[0]
             tokens += out.metrics.generated_tokens
-            ids[mode].append(out.token_ids)
-        rates[mode] = tokens / (time.perf_counter() - start)
-        rates[mode + " identical to ar"] = sum(a == b for a, b in zip(ids[mode], ids["ar"]))
+            ids[key].append(out.token_ids)
+        rates[key] = tokens / (time.perf_counter() - start)
+        rates[key + " identical to ar"] = sum(a == b for a, b in zip(ids[key], ids["ar"]))
     return rates
 
 
@@ -107,6 +113,10 @@ def main() -> None:
     ap.add_argument("--quantization", default="auto",
                     help="trimode's scheme(s) on the file, comma-separated (e.g. int8,w8a8): "
                     "each is timed in every round")
+    ap.add_argument("--block-lengths", default="8",
+                    help="comma list: each parallel mode is timed at each block_length")
+    ap.add_argument("--modes", default="linear_spec,quadratic_spec,diffusion",
+                    help="comma list of the parallel modes to time (ar always runs)")
     ap.add_argument("--machine", default="shared with other jobs",
                     help="how loaded the machine was, for the table's caption")
     ap.add_argument("--write", action="store_true", help="write the table to benchmarks/sections/llamacpp.md")
@@ -128,31 +138,34 @@ def main() -> None:
                    progress=False) for q in args.quantization.split(",")}
     sets = eval_prompts(n_gsm=args.prompts)
     prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]
-    for llm in llms.values():
-        trimode_rates(llm, prompts[:1], 4)  # warm-up: first calls of each mode are not timed
+    blocks = tuple(int(b) for b in args.block_lengths.split(","))
+    modes = tuple(args.modes.split(","))
+    for llm in llms.values():  # warm-up: first calls of each mode are not timed
+        trimode_rates(llm, prompts[:1], 4, blocks, modes)
     peer, ours = [], {q: [] for q in llms}
     for r in range(args.rounds):
         if bin_dir is not None:
             peer.append(llama_bench(bin_dir, gguf, args.threads))
         for q, llm in llms.items():
-            ours[q].append(trimode_rates(llm, prompts, args.max_tokens))
+            ours[q].append(trimode_rates(llm, prompts, args.max_tokens, blocks, modes))
         print(json.dumps({"round": r, "llama.cpp": peer[-1] if peer else None,
                           "trimode": {q: rows[-1] for q, rows in ours.items()}}), flush=True)
     med = lambda rows, k: statistics.median(row[k] for row in rows)  # noqa: E731
     schemes = ", ".join(f"{q} -> {llm.quantization}" for q, llm in llms.items())
     lines = [f"GGUF `{gguf.name}`, {args.threads} threads, quantization {schemes}, "
              f"{args.rounds} interleaved rounds (medians); CPU: {cpu}; machine: {args.machine}.", "",
-             "| engine | test | tokens/s | / llama.cpp tg64 |", "|---|---|---:|---:|"]
+             "| engine | test | tokens/s | / llama.cpp tg64 | / trimode ar |", "|---|---|---:|---:|---:|"]
     tg = med(peer, "tg64") if peer else None
     for k in ("tg64", "pp8", "pp16"):
         if peer:
-            lines.append(f"| llama.cpp | {k} | {med(peer, k):.1f} | {med(peer, k) / tg:.2f}x |")
+            lines.append(f"| llama.cpp | {k} | {med(peer, k):.1f} | {med(peer, k) / tg:.2f}x | |")
     for q, rows in ours.items():
-        for mode in ("ar", "linear_spec", "quadratic_spec", "diffusion"):
-            v = med(rows, mode)
-            same = f"{rows[-1][mode + ' identical to ar']}/{len(prompts)} identical to ar"
-            lines.append(f"| trimode {llms[q].quantization} | {mode} (block 8; {same}) | {v:.1f} | "
-                         + (f"{v / tg:.2f}x |" if tg else "– |"))
+        for key in ["ar"] + [f"{m} B={b}" for b in blocks for m in modes]:
+            v = med(rows, key)
+            same = f"{rows[-1][key + ' identical to ar']}/{len(prompts)} identical to ar"
+            label = key if key == "ar" else f"{key} ({same})"
+            lines.append(f"| trimode {llms[q].quantization} | {label} | {v:.1f} | "
+                         + (f"{v / tg:.2f}x |" if tg else "– |") + f" {v / med(rows, 'ar'):.2f}x |")
     lines.append("")
     lines.append(f"Command: `python benchmarks/bench_llamacpp.py {' '.join(sys.argv[1:])}`".rstrip())
     print("\n".join(lines))
