@@ -4,6 +4,7 @@ round trip, bit-identical resume, and clear errors on bad input (tiny random mod
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -477,9 +478,18 @@ def test_init_adapter_warm_starts_and_checks_the_rank(small, tmp_path):
     assert want.keys() == got.keys() and any(bool(v.abs().sum()) for k, v in want.items()
                                              if "lora_B" in k)
     assert all(torch.equal(want[k], got[k]) for k in want)
-    with pytest.raises(ValueError, match="init_adapter: .*lora_rank needs"):
+    with pytest.raises(ValueError, match=r"init_adapter .*its r is 4, the run's lora_rank is 2"):
         Trainer(config(small, tmp_path / "c", method="draft_lora", lora_rank=2,
                        draft_blocks=4, init_adapter=str(saved)))
-    with pytest.raises(ValueError, match="init_adapter: .* does not exist"):
+    with pytest.raises(ValueError, match="init_adapter .*expected a saved adapter directory"):
         Trainer(config(small, tmp_path / "d", method="draft_lora", lora_rank=4,
                        draft_blocks=4, init_adapter=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="init_adapter .*its lora_alpha is"):
+        Trainer(config(small, tmp_path / "e", method="draft_lora", lora_rank=4, lora_alpha=99.0,
+                       draft_blocks=4, init_adapter=str(saved)))
+    bad = tmp_path / "bad"
+    shutil.copytree(saved, bad)
+    (bad / "adapter_model.safetensors").write_text("garbage")
+    with pytest.raises(ValueError, match="init_adapter .*unreadable"):
+        Trainer(config(small, tmp_path / "f", method="draft_lora", lora_rank=4,
+                       draft_blocks=4, init_adapter=str(bad)))

@@ -53,9 +53,11 @@ class LLM:
     max_num_batched_tokens: query tokens per engine step (see ``engine.EngineConfig``).
     auto: the ``mode="auto"`` policy: ``AdaptivePolicy`` (per-step controller, the default)
         or ``AutoPolicy`` (at admission, from the load).
-    quantization: None/"none", "int8", "int4" or "auto": weight-only int8/int4 linear layers on
-        PyTorch's CPU kernels (``trimode.quant``); GGUF Q4_0/Q4_1/Q4_K blocks load exactly as
-        int4 (the embedded model's own Q4_1 file included); "auto" follows the GGUF's type.
+    quantization: None/"none", "int8", "int4", "w8a8" or "auto": weight-only int8/int4 linear
+        layers on PyTorch's CPU kernels (``trimode.quant``); GGUF Q4_0/Q4_1/Q4_K blocks load
+        exactly as int4 (the embedded model's own Q4_1 file included); "w8a8": int8 weights and
+        per-token int8 activations on fbgemm (x86; fastest, +5% perplexity measured on the
+        embedded model); "auto" follows the GGUF's type.
     cuda_graphs: on CUDA, replay captured graphs of the decode forward (``EngineConfig``).
     tensor_parallel_size: ranks the model is sharded over (torch.distributed: NCCL on CUDA,
         one GPU per rank; gloo on CPU); this process is rank 0 and spawns the others, or

@@ -79,26 +79,44 @@ def save_adapter(model: TriModeModel, directory: Path, rank: int, alpha: float,
 
 
 @torch.no_grad()
-def init_from_adapter(model: TriModeModel, directory: Path) -> None:
+def init_from_adapter(model: TriModeModel, directory: Path, rank: int, alpha: float) -> None:
     """Warm start: copy a saved adapter's ``lora_A``/``lora_B`` (PEFT names, as
-    ``save_adapter`` writes) into the attached ones. Raises ValueError naming
-    ``init_adapter`` when the file is missing, a module has no tensor there, or a shape
-    (the rank) differs."""
+    ``save_adapter`` writes) into the attached ones. The directory's ``adapter_config.json``
+    must agree with the run (``r`` = ``lora_rank``, ``lora_alpha``) and its tensors must be
+    exactly the attached modules' with their shapes; anything else is a ValueError naming
+    ``init_adapter`` (a silent partial or rescaled start would train something else)."""
     from safetensors.torch import load_file
 
-    file = Path(directory) / "adapter_model.safetensors"
-    if not file.is_file():
-        raise ValueError(f"init_adapter: {file} does not exist")
-    saved = load_file(str(file))
+    where = f"init_adapter (--init-adapter) {directory}"
+    file, config_file = Path(directory) / "adapter_model.safetensors", Path(directory) / "adapter_config.json"
+    if not file.is_file() or not config_file.is_file():
+        raise ValueError(f"{where}: expected a saved adapter directory with "
+                         "adapter_model.safetensors and adapter_config.json")
+    try:
+        config = json.loads(config_file.read_text())
+        saved = load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"{where}: unreadable ({type(exc).__name__}: {exc})") from None
+    if config.get("r") != rank:
+        raise ValueError(f"{where}: its r is {config.get('r')!r}, the run's lora_rank is {rank} "
+                         f"(set --lora-rank {config.get('r')})")
+    if config.get("lora_alpha") != alpha:
+        raise ValueError(f"{where}: its lora_alpha is {config.get('lora_alpha')!r}, the run's "
+                         f"is {alpha} (set --lora-alpha {config.get('lora_alpha')})")
+    wanted = set()
     for name, linear in sorted(targets(model).items()):
         if linear.lora_A is None:
             continue
         for part, param in (("lora_A", linear.lora_A), ("lora_B", linear.lora_B)):
             key = f"base_model.model.{name}.{part}.weight"
+            wanted.add(key)
             if key not in saved:
-                raise ValueError(f"init_adapter: {directory} has no {key}")
+                raise ValueError(f"{where}: has no {key}")
             if saved[key].shape != param.shape:
-                raise ValueError(f"init_adapter: {key} is {tuple(saved[key].shape)} in "
-                                 f"{directory}, the run's lora_rank needs "
-                                 f"{tuple(param.shape)}")
+                raise ValueError(f"{where}: {key} is {tuple(saved[key].shape)}, the run "
+                                 f"needs {tuple(param.shape)}")
             param.copy_(saved[key])
+    extra = sorted(set(saved) - wanted)
+    if extra:
+        raise ValueError(f"{where}: {len(extra)} tensors match no adapted module of this "
+                         f"model, e.g. {extra[0]}")

@@ -172,7 +172,7 @@ class Trainer:
             if c.init_adapter is not None:
                 from .lora import init_from_adapter
 
-                init_from_adapter(self.model, Path(c.init_adapter))
+                init_from_adapter(self.model, Path(c.init_adapter), c.lora_rank, c.lora_alpha)
             return params
         self.model.train()
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -37,8 +37,10 @@ def add_model_args(group, model_help: str, adapter_help: str) -> None:
                        help="weight dtype (default: float32 on cpu, bfloat16 on cuda; auto: "
                        "bfloat16 on CPUs with AMX or AVX512-BF16, else float32)")
     group.add_argument("--quantization", choices=["none", "int8", "int4", "w8a8", "auto"], default=None,
-                       help="weight-only int8/int4 linear layers on the CPU (GGUF Q4 blocks load "
-                       "exactly as int4; auto: follow the GGUF file's type; default: none)")
+                       help="quantized linear layers on the CPU: int8/int4 weight-only (GGUF Q4 "
+                       "blocks load exactly as int4), w8a8 int8 weights and per-token int8 "
+                       "activations (x86, fastest, less accurate); auto: follow the GGUF "
+                       "file's type; default: none)")
     group.add_argument("--device", choices=["cpu", "cuda"], default=None,
                        help="where to run (default: cuda when available, else cpu)")
     group.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
