@@ -493,3 +493,16 @@ def test_init_adapter_warm_starts_and_checks_the_rank(small, tmp_path):
     with pytest.raises(ValueError, match="init_adapter .*unreadable"):
         Trainer(config(small, tmp_path / "f", method="draft_lora", lora_rank=4,
                        draft_blocks=4, init_adapter=str(bad)))
+
+
+def test_resume_with_other_settings_is_a_clear_error(small, tmp_path):
+    """Rerunning into an existing run directory with a changed setting does not silently
+    continue the old run: the error names the setting, both values and the way out."""
+    train(config(small, tmp_path, method="draft_lora", lora_rank=2, draft_blocks=4, steps=2,
+                 save_every=1), resume=False)
+    with pytest.raises(ValueError, match=r"resume: .*certainty_weight=0.0 there, 0.5 here.*--no-resume"):
+        train(config(small, tmp_path, method="draft_lora", lora_rank=2, draft_blocks=4, steps=3,
+                     certainty_weight=0.5), resume=True)
+    # what only changes reporting may differ
+    train(config(small, tmp_path, method="draft_lora", lora_rank=2, draft_blocks=4, steps=3,
+                 eval_every=1), resume=True)

@@ -26,6 +26,9 @@ from .objective import block_loss, joint_loss
 
 METHODS = ("full", "draft_lora")
 TARGETS = ("data", "teacher")
+# settings a resume may change: what a run reports, how often it saves, how long it runs
+RESUME_MAY_CHANGE = {"progress", "eval_every", "eval_prompts", "eval_max_tokens", "save_every",
+                     "steps"}  # a longer run continues (its schedule is that of the new steps)
 
 
 @dataclass(frozen=True)
@@ -271,6 +274,15 @@ class Trainer:
         if not path.exists():
             return False
         state = torch.load(path, weights_only=True)
+        saved, now = state.get("config", {}), asdict(self.config)
+        changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE
+                   and (list(saved[k]) if isinstance(saved[k], (list, tuple)) else saved[k])
+                   != (list(now[k]) if isinstance(now[k], (list, tuple)) else now[k])]
+        if changed:
+            diffs = ", ".join(f"{k}={saved[k]!r} there, {now[k]!r} here" for k in changed)
+            raise ValueError(f"resume: {path} was trained with other settings ({diffs}); "
+                             "rerun with its settings, or start over with --no-resume "
+                             "(resume=False) or another --out")
         if len(state["params"]) != len(self.params):
             raise ValueError(f"resume: {path} holds {len(state['params'])} tensors; this run "
                              f"trains {len(self.params)} (different method or model)")
