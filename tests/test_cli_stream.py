@@ -96,8 +96,8 @@ def test_ctrl_c_prints_the_partial_answer_and_exits_130(tiny, tiny_llm):
     cmd = [sys.executable, "-m", "trimode", "generate", "--model", str(tiny[0]), "--raw",
            "--max-tokens", "3000", "w10 w11"]
     # as at a terminal: a shell without job control starts background jobs with SIGINT
-    # ignored, and Python then installs no KeyboardInterrupt handler (the test would fail
-    # when the suite itself runs in the background, as it did under `nohup bash .ci/run &`)
+    # ignored, and Python then installs no KeyboardInterrupt handler (a suspected cause of one
+    # failure when the suite ran under `nohup bash .ci/run &`; not reproduced)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = os.read(proc.stdout.fileno(), 1)  # the answer has started to stream

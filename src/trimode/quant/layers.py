@@ -10,14 +10,14 @@ in bf16 and the result is cast back to the caller's dtype; the rest of the model
 dtype.
 
 ``w8a8``: the same int8 weights (fp32 scales), and each token's activations rounded to int8
-at run time (per token, symmetric: ``round(x / max|x| * 127)``; 63 on CPUs without VNNI), multiplied in integers by fbgemm
-(``torch.ops.quantized.linear_dynamic``, PyTorch's x86 int8 GEMM, VNNI where the CPU has
-it), as llama.cpp multiplies Q8_0 weights with activations it rounds to 8 bits. fbgemm picks
-one activation scale per call from the tensor's min and max; a first sentinel row holding
-+-127.5 fixes that range to steps of exactly 1, so every token is quantized on its own and its result does
-not depend on the tokens sharing the call. The integer products are exact, so the exact
-modes stay exact within a w8a8 model. Accuracy against fp32 is measured in
-benchmarks/sections/quant.md.
+at run time (per token, symmetric: ``round(x / max|x| * 127)``; 63 on CPUs without VNNI),
+multiplied in integers by fbgemm (``torch.ops.quantized.linear_dynamic``, PyTorch's x86 int8
+GEMM, VNNI where the CPU has it), as llama.cpp multiplies Q8_0 weights with activations it
+rounds to 8 bits. fbgemm picks one activation scale per call from the tensor's min and max;
+a first sentinel row holding +-127.5 fixes that range to steps of exactly 1, so every token
+is quantized on its own and its result does not depend on the tokens sharing the call. The
+integer products are exact, so the exact modes stay exact within a w8a8 model. Accuracy
+against fp32 is measured in benchmarks/sections/quant.md.
 
 Both kernels compute each row of ``x`` independently (the result for a token does not
 depend on how many tokens share the call; checked in tests), which keeps the exact modes exact.
@@ -34,9 +34,7 @@ import torch
 from ..model.model import Linear
 
 COMPUTE_DTYPE = torch.bfloat16
-# fbgemm's activation range: 7 bits where the CPU lacks VNNI, whose AVX2 kernels add
-# u8 x s8 pairs in saturating int16 (``reduce_range``); 8 bits with VNNI's int32 sums
-W8A8_ACTIVATIONS = ("int8",)
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def w8a8_unavailable() -> str | None:
@@ -51,10 +49,11 @@ def w8a8_unavailable() -> str | None:
 
 
 def _reduce_range() -> bool:
+    """fbgemm's activation range: 7 bits where the CPU lacks VNNI, whose AVX2 kernels add
+    u8 x s8 pairs in saturating int16 (``reduce_range``); 8 bits with VNNI's int32 sums."""
     from .cpu import cpu_info
 
     return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_info()["flags"])
-INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass

@@ -88,7 +88,8 @@ def init_from_adapter(model: TriModeModel, directory: Path, rank: int, alpha: fl
     from safetensors.torch import load_file
 
     where = f"init_adapter (--init-adapter) {directory}"
-    file, config_file = Path(directory) / "adapter_model.safetensors", Path(directory) / "adapter_config.json"
+    file = Path(directory) / "adapter_model.safetensors"
+    config_file = Path(directory) / "adapter_config.json"
     if not file.is_file() or not config_file.is_file():
         raise ValueError(f"{where}: expected a saved adapter directory with "
                          "adapter_model.safetensors and adapter_config.json")

@@ -181,6 +181,8 @@ def block_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
     label = teacher.gather(1, pos)[scored]
     ce = F.cross_entropy(student, label, reduction="none")
     total = (1 - kl_weight) * ce.sum()
+    if kl_weight > 0 or certainty_weight > 0:
+        s_logp = student.masked_fill(torch.isinf(student), -1e4).log_softmax(-1)
     if kl_weight > 0:
         rows = torch.nonzero(scored)
         with torch.no_grad():
@@ -188,13 +190,10 @@ def block_loss(model: TriModeModel, tokens: torch.Tensor, valid: torch.Tensor,
             t_logp = _head(model, prev)
             t_logp[:, mask_id] = -1e4
             t_logp = t_logp.log_softmax(-1)
-        s_logp = student.masked_fill(torch.isinf(student), -1e4).log_softmax(-1)
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
         total = total + kl_weight * kl.sum()
     if certainty_weight > 0:
         right = student.detach().argmax(-1) == label
-        if bool(right.any()):
-            s_logp = student[right].masked_fill(torch.isinf(student[right]), -1e4).log_softmax(-1)
-            entropy = -(s_logp.exp() * s_logp).sum(-1)
-            total = total + certainty_weight * entropy.sum()
+        entropy = -(s_logp[right].exp() * s_logp[right]).sum(-1)
+        total = total + certainty_weight * entropy.sum()
     return LossParts(total / n, 0.0, 0, float(ce.detach().sum()), n)

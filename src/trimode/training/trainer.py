@@ -275,9 +275,9 @@ class Trainer:
             return False
         state = torch.load(path, weights_only=True)
         saved, now = state.get("config", {}), asdict(self.config)
+        plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
         changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE
-                   and (list(saved[k]) if isinstance(saved[k], (list, tuple)) else saved[k])
-                   != (list(now[k]) if isinstance(now[k], (list, tuple)) else now[k])]
+                   and plain(saved[k]) != plain(now[k])]
         if changed:
             diffs = ", ".join(f"{k}={saved[k]!r} there, {now[k]!r} here" for k in changed)
             raise ValueError(f"resume: {path} was trained with other settings ({diffs}); "
