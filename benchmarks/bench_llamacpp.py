@@ -10,7 +10,18 @@ the same file (after one untimed warm-up generate per mode); the table reports m
 rounds and the ratio to llama.cpp tg64. The machine may be shared: only the ratios within one
 run mean anything.
 
+Each round also times one trimode forward of 1 and of 8 query tokens (read-only, after a
+64-token prefix, head included) and sets their ratio beside llama.cpp's (``8 * tg64 / pp8``).
+
+``--shape nld-3b --layers 8`` measures a wider model than the embedded 135M one, where the
+weights' bytes rather than per-op overhead set the speed: random N(0, 0.02) weights in NLD-3B's
+layer shape (width 3072, FFN 9216, 32 query / 8 KV heads of 128), the given number of layers
+and the embedded model's tokenizer and tied 49,152-token vocabulary, written once under
+``$TRIMODE_CACHE/bench`` and exported to Q8_0. Random weights make acceptance meaningless, so
+time only ar there (``--modes ""``).
+
     python benchmarks/bench_llamacpp.py [--gguf FILE] [--threads 2] [--rounds 3] [--write]
+        [--shape embedded|nld-3b] [--layers 8]
 """
 
 from __future__ import annotations
@@ -62,6 +73,54 @@ def build(jobs: int = 2) -> Path | None:
     return bin_dir
 
 
+WIDE = {"nld-3b": dict(hidden_size=3072, intermediate_size=9216, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128)}
+
+
+def random_checkpoint(shape: str, layers: int) -> Path:
+    """A checkpoint of ``shape`` (``WIDE``) with ``layers`` layers and random weights, beside
+    the embedded model's tokenizer; written once under ``$TRIMODE_CACHE/bench``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trimode.checkpoint.embedded import default_model_dir
+    from trimode.model.config import ModelConfig
+    from trimode.model.model import TriModeModel
+
+    out = cache_dir().parent / "bench" / f"{shape}-{layers}-layers"
+    if (out / "model.safetensors").exists():
+        return out
+    src = Path(default_model_dir(progress=False))
+    config = json.loads((src / "config.json").read_text())
+    config.update(WIDE[shape], num_hidden_layers=layers,
+                  trimode_source=f"random N(0, 0.02) weights, {shape} layer shape, {layers} layers")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, tmp / name)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    torch.manual_seed(0)
+    net = TriModeModel(ModelConfig.from_file(tmp / "config.json"))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+    state = {k: v.contiguous() for k, v in net.state_dict().items() if k != "diffusion_head.weight"}
+    save_file(state, str(tmp / "model.safetensors"))
+    tmp.rename(out)
+    return out
+
+
+def forward_ratio(model) -> float:
+    """trimode's 8-token forward time over its 1-token one (read-only, 64 cached tokens)."""
+    from trimode.bench.forward_cost import forward_cost
+
+    rows = forward_cost(model, prefix=64, widths=(1, 8), repeats=5)
+    return rows[1]["seconds"] / rows[0]["seconds"]
+
+
 def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict[str, float]:
     """tokens/s of tg64, pp8, pp16 (llama-bench, 2 repetitions)."""
     out = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads),
@@ -106,6 +165,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", default=None, help="GGUF file (default: trimode's Q8_0 llama-arch "
                     "export of the embedded model)")
+    ap.add_argument("--shape", choices=("embedded", *WIDE), default="embedded",
+                    help="the model: the embedded SmolLM2-135M, or random weights of a wider shape")
+    ap.add_argument("--layers", type=int, default=8, help="layers of a --shape other than embedded")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=3)
@@ -131,15 +193,17 @@ def main() -> None:
         # the same Q8_0 tensors twice: the llama view for llama-bench, the dream view (with
         # tokenizer.ggml.mask_token_id, which the parallel modes need) for trimode
         tmp = Path(tempfile.mkdtemp())
-        gguf = export_gguf(None, tmp / "smollm2-q8_0.gguf", "q8_0", arch="llama")
-        ours_gguf = export_gguf(None, tmp / "smollm2-q8_0-dream.gguf", "q8_0", arch="dream")
+        source = None if args.shape == "embedded" else random_checkpoint(args.shape, args.layers)
+        name = "smollm2" if source is None else source.name
+        gguf = export_gguf(source, tmp / f"{name}-q8_0.gguf", "q8_0", arch="llama")
+        ours_gguf = export_gguf(source, tmp / f"{name}-q8_0-dream.gguf", "q8_0", arch="dream")
     bin_dir = build()
     llms = {q: LLM(str(ours_gguf), quantization=q, draft_adapter=shipped_adapter() or False,
                    progress=False) for q in args.quantization.split(",")}
     sets = eval_prompts(n_gsm=args.prompts)
     prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]
     blocks = tuple(int(b) for b in args.block_lengths.split(","))
-    modes = tuple(args.modes.split(","))
+    modes = tuple(m for m in args.modes.split(",") if m)
     for llm in llms.values():  # warm-up: first calls of each mode are not timed
         trimode_rates(llm, prompts[:1], 4, blocks, modes)
     peer, ours = [], {q: [] for q in llms}
@@ -148,6 +212,7 @@ def main() -> None:
             peer.append(llama_bench(bin_dir, gguf, args.threads))
         for q, llm in llms.items():
             ours[q].append(trimode_rates(llm, prompts, args.max_tokens, blocks, modes))
+            ours[q][-1]["forward 8 / 1"] = forward_ratio(llm.model)
         print(json.dumps({"round": r, "llama.cpp": peer[-1] if peer else None,
                           "trimode": {q: rows[-1] for q, rows in ours.items()}}), flush=True)
     med = lambda rows, k: statistics.median(row[k] for row in rows)  # noqa: E731
@@ -159,7 +224,12 @@ def main() -> None:
     for k in ("tg64", "pp8", "pp16"):
         if peer:
             lines.append(f"| llama.cpp | {k} | {med(peer, k):.1f} | {med(peer, k) / tg:.2f}x | |")
+    if peer:
+        lines.append(f"| llama.cpp | forward, 8 tokens / 1 token (8 x tg64 / pp8) | "
+                     f"{8 * tg / med(peer, 'pp8'):.2f} | | |")
     for q, rows in ours.items():
+        lines.append(f"| trimode {llms[q].quantization} | forward, 8 tokens / 1 token | "
+                     f"{med(rows, 'forward 8 / 1'):.2f} | | |")
         for key in ["ar"] + [f"{m} B={b}" for b in blocks for m in modes]:
             v = med(rows, key)
             same = f"{rows[-1][key + ' identical to ar']}/{len(prompts)} identical to ar"

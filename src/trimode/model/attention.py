@@ -50,6 +50,7 @@ class ForwardBatch:
     adapter_rows: torch.Tensor | None
     write_index: tuple[torch.Tensor, torch.Tensor]
     real: torch.Tensor | None = None  # [N] flat indices of real tokens when rows are ragged
+    window_index: torch.Tensor | None = None  # ``cache.window_index(S)``, shared by all layers
 
     @cached_property
     def bias(self) -> torch.Tensor:
@@ -101,4 +102,5 @@ def build_forward_batch(cache: KVCache, n_valid: torch.Tensor, bidirectional: to
     positions = lengths[:, None] + (slots[None, :] if offsets is None else offsets)
     rows = torch.arange(lengths.shape[0], device=device)[:, None].expand(-1, tokens)
     write_index = cache.write_index(rows, lengths[:, None] + slots[None, :], real)
-    return ForwardBatch(cache, positions, mask[:, None], adapter_rows, write_index)
+    return ForwardBatch(cache, positions, mask[:, None], adapter_rows, write_index,
+                        window_index=cache.window_index(span))

@@ -62,8 +62,18 @@ class KVCache:
         self.keys[layer][rows, :, slots] = k.transpose(1, 2)
         self.values[layer][rows, :, slots] = v.transpose(1, 2)
 
-    def window(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of every row's first ``span`` slots: ``[B, kv_heads, span, head_dim]``."""
+    def store_kv(self, layer: int, index: tuple, kv: torch.Tensor) -> None:
+        """``store`` of keys and values side by side ``[B, T, 2 * kv_heads, head_dim]``."""
+        heads = kv.shape[2] // 2
+        self.store(layer, index, kv[:, :, :heads].transpose(1, 2), kv[:, :, heads:].transpose(1, 2))
+
+    def window_index(self, span: int) -> None:
+        """What ``window`` needs per forward beyond ``span`` (nothing: rows are dense)."""
+        return None
+
+    def window(self, layer: int, span: int, index=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every row's first ``span`` slots: ``[B, kv_heads, span, head_dim]``
+        (``index``: ``window_index(span)``, ignored here)."""
         return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]
 
     def read_row(self, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:

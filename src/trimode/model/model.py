@@ -95,8 +95,9 @@ class Attention(nn.Module):
         self.qkv: Linear | None = None  # q, k, v rows in one layer (``fused.fuse_projections``)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple) -> torch.Tensor:
-        """``x`` ``[B, T, d]``, or ``[N, d]`` real tokens only when ``batch.real`` is set
-        (ragged rows: projections skip the padding; attention runs on the padded layout)."""
+        """``x`` ``[B * T, d]`` (row-major), or ``[N, d]`` real tokens only when ``batch.real``
+        is set (ragged rows: projections skip the padding; attention runs on the padded
+        layout). Tokens stay flat outside attention, so every linear layer gets 2-D input."""
         real = batch.real
         b, t = batch.positions.shape
         h, kv = self.heads, self.kv_heads
@@ -104,19 +105,19 @@ class Attention(nn.Module):
         if real is not None:
             y = _scatter_rows(y, real, b, t)
         y = y.view(b, t, h + 2 * kv, self.head_dim)
-        cos, sin, q_scale = rope
-        qk = apply_rotary(y[:, :, :h + kv], cos, sin)  # queries and keys in one pass
-        q, k, v = qk[:, :, :h], qk[:, :, h:], y[:, :, h + kv:]
+        cos, sin, q_scale = rope  # tables for all h + 2 kv heads: values pass unrotated
+        y = apply_rotary(y, cos, sin)
+        q = y[:, :, :h]
         if q_scale is not None:
             q = q * q_scale  # Llama-4 query scale, after RoPE, keys unscaled (spec 1.3)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         cache = batch.cache
-        cache.store(self.layer, batch.write_index, k, v)
-        keys, values = cache.window(self.layer, batch.mask.shape[-1])
+        cache.store_kv(self.layer, batch.write_index, y[:, :, h:])
+        keys, values = cache.window(self.layer, batch.mask.shape[-1], batch.window_index)
+        q = q.transpose(1, 2)  # [B, heads, T, D]
         o = attend(q, keys, values, batch.mask, self.batch_invariant,
                    batch.bias if self.batch_invariant else None)
-        o = o.transpose(1, 2).reshape(b, t, -1)
-        return self.o_proj(o if real is None else o.reshape(b * t, -1)[real], batch.adapter_rows)
+        o = o.transpose(1, 2).reshape(b * t, -1)
+        return self.o_proj(o if real is None else o[real], batch.adapter_rows)
 
     def project(self, x: torch.Tensor, ad: torch.Tensor | None) -> torch.Tensor:
         """q, k and v of ``x`` side by side on the last axis (one matmul when fused,
@@ -255,7 +256,9 @@ class TriModeModel(nn.Module):
                                     None if offsets is None else offsets.to(device), plan)
         if mask is not None:
             batch.mask = mask.to(device)
-        rope = self.rotary(batch.positions, self.dtype)
+            batch.window_index = cache.window_index(mask.shape[-1])
+        attn = self.encoder.layers[0].self_attn
+        rope = self.rotary(batch.positions, self.dtype, attn.heads + attn.kv_heads, attn.kv_heads)
         real = None
         ragged = sum(plan.n_valid) < b * t if plan is not None else int(n_valid.sum()) < b * t
         if ragged:  # ragged rows: every linear layer skips the padding
@@ -264,18 +267,20 @@ class TriModeModel(nn.Module):
             else:
                 real = (torch.arange(t, device=device)[None, :] < n_valid[:, None]).flatten().nonzero()[:, 0]
             batch.real = real
-            if adapter_rows is not None:
-                batch.adapter_rows = adapter_rows.reshape(b * t, 1)[real]
-        h = self.encoder.embed_tokens(tokens if real is None else tokens.reshape(-1)[real])
+        if adapter_rows is not None:  # [B * T, 1] or [N, 1], like the hidden states
+            batch.adapter_rows = adapter_rows.reshape(b * t, 1)
+            if real is not None:
+                batch.adapter_rows = batch.adapter_rows[real]
+        flat = tokens.reshape(-1)
+        h = self.encoder.embed_tokens(flat if real is None else flat[real])  # [B * T or N, d]
         if embeds is not None:
-            where = embeds[0].to(device)
-            where = where if real is None else where.reshape(-1)[real]
+            where = embeds[0].to(device).reshape(-1)
+            where = where if real is None else where[real]
             h = h.masked_scatter(where[..., None], embeds[1].to(device=device, dtype=h.dtype))
         for layer in self.encoder.layers:
             h = layer(h, batch, rope)
         cache.lengths = cache.lengths + torch.where(write, n_valid, torch.zeros_like(n_valid))
-        h = self.encoder.norm(h)
-        return h if real is None else _scatter_rows(h, real, b, t)
+        return self.encoder.norm(h.view(b, t, -1) if real is None else _scatter_rows(h, real, b, t))
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

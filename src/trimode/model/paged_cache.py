@@ -1,6 +1,9 @@
 """A KV cache in fixed-size pages (``PagedKVCache``), read and written through page tables.
 
-Keys/values live in ``[pages, page_size, kv_heads, head_dim]`` buffers per layer; row b's
+Keys and values live side by side in one ``[pages, page_size, 2 * kv_heads, head_dim]``
+buffer per layer (``kv``; ``keys`` and ``values`` are its two halves), so a forward stores
+and gathers both with one indexing op each (a decode step is dispatch-bound: 30 layers x
+every op). Row b's
 logical slot s is physical slot ``table[b, s // page_size] * page_size + s % page_size``.
 Which pages a row owns is the engine's business (``engine/kv_pool.py``, ``engine/pages.py``):
 this class only maps slots, so the model code is the same as for the dense ``KVCache``
@@ -29,10 +32,11 @@ class PagedKVCache(KVCache):
     def __init__(self, layers: int, pages: int, page_size: int, kv_heads: int, head_dim: int,
                  rows: int, max_pages: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", zeroed: bool = True):
-        shape = (pages, page_size, kv_heads, head_dim)
+        shape = (pages, page_size, 2 * kv_heads, head_dim)
         make = torch.zeros if zeroed else torch.empty  # empty: memory untouched until used
-        self.keys = [make(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [make(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.kv = [make(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.keys = [buf[:, :, :kv_heads] for buf in self.kv]
+        self.values = [buf[:, :, kv_heads:] for buf in self.kv]
         self.zeroed = zeroed
         self.page_size = page_size
         self.table = torch.zeros(rows, max_pages, dtype=torch.long, device=device)
@@ -48,7 +52,7 @@ class PagedKVCache(KVCache):
     def zero_pages(self, pages: list[int]) -> None:
         """Zero these physical pages (first use of uninitialised memory)."""
         index = torch.tensor(pages, dtype=torch.long, device=self.table.device)
-        for buf in (*self.keys, *self.values):
+        for buf in self.kv:
             buf.index_fill_(0, index, 0)
 
     def set_pages(self, row: int, start: int, pages: list[int]) -> None:
@@ -64,7 +68,7 @@ class PagedKVCache(KVCache):
         """Rows ``start .. stop - 1``: the same pages, a slice of the table (shared), a
         copy of the lengths (the pool syncs them back)."""
         out = PagedKVCache.__new__(PagedKVCache)
-        out.keys, out.values, out.zeroed = self.keys, self.values, self.zeroed
+        out.kv, out.keys, out.values, out.zeroed = self.kv, self.keys, self.values, self.zeroed
         out.page_size, out.capacity = self.page_size, self.capacity
         out.table = self.table[start:stop]
         out.lengths = self.lengths[start:stop].clone()
@@ -81,21 +85,26 @@ class PagedKVCache(KVCache):
         return torch.where(real, self._physical(rows, slots), slots % self.page_size)
 
     def store(self, layer: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        flat = index.reshape(-1)
-        heads, dim = k.shape[1], k.shape[3]
-        self.keys[layer].view(-1, heads, dim)[flat] = k.transpose(1, 2).reshape(-1, heads, dim)
-        self.values[layer].view(-1, heads, dim)[flat] = v.transpose(1, 2).reshape(-1, heads, dim)
+        self.store_kv(layer, index, torch.cat([k, v], 1).transpose(1, 2))
 
-    def window(self, layer: int, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n = -(-span // self.page_size)
-        table = self.table[:, :n]
-        rows = table.shape[0]
+    def store_kv(self, layer: int, index: torch.Tensor, kv: torch.Tensor) -> None:
+        """Keys and values ``[B, T, 2 * kv_heads, head_dim]`` (keys first) at ``index``."""
+        buf = self.kv[layer]
+        buf.view(-1, *buf.shape[2:])[index.reshape(-1)] = kv.reshape(-1, *buf.shape[2:])
 
-        def gather(buf: torch.Tensor) -> torch.Tensor:
-            out = buf.index_select(0, table.reshape(-1))  # [B * n, page, heads, dim]
-            return out.view(rows, n * self.page_size, *buf.shape[2:])[:, :span].transpose(1, 2)
+    def window_index(self, span: int) -> torch.Tensor:
+        """The pages ``window`` gathers for ``span`` slots, flattened (one per forward)."""
+        return self.table[:, :-(-span // self.page_size)].reshape(-1)
 
-        return gather(self.keys[layer]), gather(self.values[layer])
+    def window(self, layer: int, span: int,
+               index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.window_index(span) if index is None else index
+        buf = self.kv[layer]
+        heads = buf.shape[2] // 2
+        out = buf.index_select(0, index)  # [B * n, page, 2 * heads, dim]
+        rows = self.table.shape[0]
+        out = out.view(rows, -1, *buf.shape[2:])[:, :span].transpose(1, 2)
+        return out[:, :heads], out[:, heads:]
 
     def read_row(self, layer: int, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         slots = torch.arange(n, device=self.table.device)

@@ -61,15 +61,23 @@ class RotaryEmbedding(torch.nn.Module):
         self.beta = rope.llama_4_scaling_beta
         self.scale_period = rope.original_max_position_embeddings
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """positions ``[B, T]`` (int64) -> cos, signed sin ``[B, T, 1, head_dim]`` (for
-        ``apply_rotary``) and the query scale ``[B, T, 1, 1]`` (None without Llama-4 scaling)."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype, rotated: int = 1,
+                unrotated: int = 0) -> tuple[torch.Tensor, ...]:
+        """positions ``[B, T]`` (int64) -> cos, signed sin ``[B, T, heads, head_dim]`` (for
+        ``apply_rotary``) and the query scale ``[B, T, 1, 1]`` (None without Llama-4 scaling).
+        The tables cover ``rotated`` heads and then ``unrotated`` ones (cos 1, sin 0: values,
+        so one ``apply_rotary`` passes over queries, keys and values alike; ``x * 1 + y * 0``
+        is ``x`` exactly for finite values)."""
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_factor).to(dtype)[:, :, None]
         sin = (emb.sin() * self.attention_factor).to(dtype)[:, :, None]
         half = sin.shape[-1] // 2
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        if rotated != 1 or unrotated:
+            shape = (*cos.shape[:2], unrotated, cos.shape[-1])
+            cos = torch.cat([cos.expand(-1, -1, rotated, -1), cos.new_ones(shape)], 2)
+            sin = torch.cat([sin.expand(-1, -1, rotated, -1), sin.new_zeros(shape)], 2)
         if self.beta is None or not self.scale_period:
             return cos, sin, None
         scale = 1 + self.beta * torch.log(1 + torch.floor(positions.float() / self.scale_period))

@@ -196,26 +196,33 @@ class QuantLinear(Linear):
         return self._packed
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
+        # a decode step calls this 4 times per layer: every tensor op costs microseconds of
+        # dispatch next to fbgemm's tens, so no-op reshapes and casts are skipped
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
         packed = self.packed()
-        level = self._level
-        step = torch.linalg.vector_norm(x2, float("inf"), 1, True).clamp_(min=1e-30).div_(level)
+        step = torch.linalg.vector_norm(x2, float("inf"), 1, True).clamp_(min=1e-30).div_(self._level)
         rows = torch.cat([self._sentinel, x2 / step])  # |x / step| <= level (+ rounding)
-        out = torch.ops.quantized.linear_dynamic(rows, packed, self._reduce_range)[1:]
-        return (out * step).to(x.dtype).view(*shape[:-1], self.out_features)
+        out = torch.ops.quantized.linear_dynamic(rows, packed, self._reduce_range)[1:] * step
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "int8":
             return self._w8a8(x)
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        if x2.dtype != COMPUTE_DTYPE:
+            x2 = x2.to(COMPUTE_DTYPE)
         if self.bits == 8:
             out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         else:
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size,
                                                              self.scales)
-        return out.to(x.dtype).view(*shape[:-1], self.out_features)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
