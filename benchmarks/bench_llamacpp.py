@@ -198,7 +198,8 @@ def main() -> None:
         gguf = export_gguf(source, tmp / f"{name}-q8_0.gguf", "q8_0", arch="llama")
         ours_gguf = export_gguf(source, tmp / f"{name}-q8_0-dream.gguf", "q8_0", arch="dream")
     bin_dir = build()
-    llms = {q: LLM(str(ours_gguf), quantization=q, draft_adapter=shipped_adapter() or False,
+    adapter = (shipped_adapter() or False) if args.shape == "embedded" else False  # its shape only
+    llms = {q: LLM(str(ours_gguf), quantization=q, draft_adapter=adapter,
                    progress=False) for q in args.quantization.split(",")}
     sets = eval_prompts(n_gsm=args.prompts)
     prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]

@@ -14,8 +14,11 @@ at run time (per token, symmetric: ``round(x / max|x| * 127)``; 63 on CPUs witho
 multiplied in integers by fbgemm (``torch.ops.quantized.linear_dynamic``, PyTorch's x86 int8
 GEMM, VNNI where the CPU has it), as llama.cpp multiplies Q8_0 weights with activations it
 rounds to 8 bits. fbgemm picks one activation scale per call from the tensor's min and max;
-a first sentinel row holding +-127.5 fixes that range to steps of exactly 1, so every token
-is quantized on its own and its result does not depend on the tokens sharing the call. The
+two sentinel input columns (the first row holds +-127.5 there, the other rows 0; the packed
+weight has zero columns for them, so they add exactly nothing) fix that range to steps of
+exactly 1, so every token is quantized on its own and its result does not depend on the
+tokens sharing the call. (A sentinel row instead would cost a ninth row in an 8-token call:
+fbgemm's time grows with rows once they are ~4, benchmarks/sections/quant.md.) The
 integer products are exact, so the exact modes stay exact within a w8a8 model. Accuracy
 against fp32 is measured in benchmarks/sections/quant.md.
 
@@ -178,22 +181,30 @@ class QuantLinear(Linear):
         return fused
 
     def packed(self):
-        """fbgemm's packed weight (made on first use: after any row stacking)."""
+        """fbgemm's packed weight (made on first use: after any row stacking), with two zero
+        input columns for the sentinels."""
         if self._packed is None:
             with warnings.catch_warnings():  # quantized tensors are deprecated (not yet gone)
                 warnings.simplefilter("ignore", UserWarning)
+                weight = torch.cat([self.qweight, self.qweight.new_zeros(self.out_features, 2)], 1)
                 q = torch._make_per_channel_quantized_tensor(
-                    self.qweight, self.scales.double(),
-                    torch.zeros(self.out_features, dtype=torch.long), 0)
+                    weight, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
                 self._packed = torch.ops.quantized.linear_prepack(q, None)
-            # each token is scaled to [-level, level]; a sentinel row at +-(level + 1/2) makes
+            # each token is scaled to [-level, level]; sentinels at +-(level + 1/2) make
             # fbgemm's range [-(level + 1/2), level + 1/2] in 2 level + 1 steps of exactly 1,
             # so it rounds every value to the nearest integer (the int8 the token gets)
             self._reduce_range = _reduce_range()
             self._level = 63.0 if self._reduce_range else 127.0
-            self._sentinel = torch.zeros(1, self.in_features)
-            self._sentinel[0, 0], self._sentinel[0, -1] = self._level + 0.5, -self._level - 0.5
+            self._sentinels = torch.zeros(0, 2)
         return self._packed
+
+    def _sentinel_columns(self, rows: int) -> torch.Tensor:
+        """``[rows, 2]``: the first row +-(level + 1/2), the rest 0 (grown on demand)."""
+        if self._sentinels.shape[0] < rows:
+            grown = torch.zeros(max(rows, 2 * self._sentinels.shape[0], 16), 2)
+            grown[0, 0], grown[0, 1] = self._level + 0.5, -self._level - 0.5
+            self._sentinels = grown
+        return self._sentinels[:rows]
 
     def _w8a8(self, x: torch.Tensor) -> torch.Tensor:
         # a decode step calls this 4 times per layer: every tensor op costs microseconds of
@@ -203,8 +214,9 @@ class QuantLinear(Linear):
             x2 = x2.float()
         packed = self.packed()
         step = torch.linalg.vector_norm(x2, float("inf"), 1, True).clamp_(min=1e-30).div_(self._level)
-        rows = torch.cat([self._sentinel, x2 / step])  # |x / step| <= level (+ rounding)
-        out = torch.ops.quantized.linear_dynamic(rows, packed, self._reduce_range)[1:] * step
+        # |x / step| <= level (+ rounding); the sentinel columns meet zero weights
+        rows = torch.cat([x2 / step, self._sentinel_columns(x2.shape[0])], 1)
+        out = torch.ops.quantized.linear_dynamic(rows, packed, self._reduce_range) * step
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
