@@ -10,8 +10,9 @@ the same file (after one untimed warm-up generate per mode); the table reports m
 rounds and the ratio to llama.cpp tg64. The machine may be shared: only the ratios within one
 run mean anything.
 
-Each round also times one trimode forward of 1 and of 8 query tokens (read-only, after a
-64-token prefix, head included) and sets their ratio beside llama.cpp's (``8 * tg64 / pp8``).
+Each round also times one trimode forward of 1, 2, 4, 8 and 16 query tokens (read-only, after
+a 64-token prefix, head included); the 8-token / 1-token ratio stands beside llama.cpp's
+(``8 * tg64 / pp8``).
 
 ``--shape nld-3b --layers 8`` measures a wider model than the embedded 135M one, where the
 weights' bytes rather than per-op overhead set the speed: random N(0, 0.02) weights in NLD-3B's
@@ -113,12 +114,13 @@ def random_checkpoint(shape: str, layers: int) -> Path:
     return out
 
 
-def forward_ratio(model) -> float:
-    """trimode's 8-token forward time over its 1-token one (read-only, 64 cached tokens)."""
+def forward_ratios(model, widths=(1, 2, 4, 8, 16)) -> dict[int, float]:
+    """trimode's forward time at each width over its 1-token one (read-only, 64 cached
+    tokens, head included): what a draft or verify block costs in ar steps."""
     from trimode.bench.forward_cost import forward_cost
 
-    rows = forward_cost(model, prefix=64, widths=(1, 8), repeats=5)
-    return rows[1]["seconds"] / rows[0]["seconds"]
+    rows = forward_cost(model, prefix=64, widths=widths, repeats=5)
+    return {r["tokens"]: r["seconds"] / rows[0]["seconds"] for r in rows}
 
 
 def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict[str, float]:
@@ -213,7 +215,8 @@ def main() -> None:
             peer.append(llama_bench(bin_dir, gguf, args.threads))
         for q, llm in llms.items():
             ours[q].append(trimode_rates(llm, prompts, args.max_tokens, blocks, modes))
-            ours[q][-1]["forward 8 / 1"] = forward_ratio(llm.model)
+            for width, ratio in forward_ratios(llm.model).items():
+                ours[q][-1][f"forward {width} / 1"] = ratio
         print(json.dumps({"round": r, "llama.cpp": peer[-1] if peer else None,
                           "trimode": {q: rows[-1] for q, rows in ours.items()}}), flush=True)
     med = lambda rows, k: statistics.median(row[k] for row in rows)  # noqa: E731
@@ -229,8 +232,9 @@ def main() -> None:
         lines.append(f"| llama.cpp | forward, 8 tokens / 1 token (8 x tg64 / pp8) | "
                      f"{8 * tg / med(peer, 'pp8'):.2f} | | |")
     for q, rows in ours.items():
-        lines.append(f"| trimode {llms[q].quantization} | forward, 8 tokens / 1 token | "
-                     f"{med(rows, 'forward 8 / 1'):.2f} | | |")
+        for width in (2, 4, 8, 16):
+            lines.append(f"| trimode {llms[q].quantization} | forward, {width} tokens / 1 token | "
+                         f"{med(rows, f'forward {width} / 1'):.2f} | | |")
         for key in ["ar"] + [f"{m} B={b}" for b in blocks for m in modes]:
             v = med(rows, key)
             same = f"{rows[-1][key + ' identical to ar']}/{len(prompts)} identical to ar"
