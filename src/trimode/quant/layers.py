@@ -14,8 +14,9 @@ at run time (per token, symmetric: ``round(x / max|x| * 127)``; 63 on CPUs witho
 multiplied in integers by fbgemm (``torch.ops.quantized.linear_dynamic``, PyTorch's x86 int8
 GEMM, VNNI where the CPU has it), as llama.cpp multiplies Q8_0 weights with activations it
 rounds to 8 bits. fbgemm picks one activation scale per call from the tensor's min and max;
-two sentinel input columns (the first row holds +-127.5 there, the other rows 0; the packed
-weight has zero columns for them, so they add exactly nothing) fix that range to steps of
+sentinel input columns (the first row holds +-127.5 in two of four extra columns, every
+other entry is 0; the packed weight has zero columns there, so they add exactly nothing; four
+keep K a multiple of VNNI's 4-byte groups, two measured slower) fix that range to steps of
 exactly 1, so every token is quantized on its own and its result does not depend on the
 tokens sharing the call. (A sentinel row instead would cost a ninth row in an 8-token call:
 fbgemm's time grows with rows once they are ~4, benchmarks/sections/quant.md.) The
@@ -38,6 +39,7 @@ from ..model.model import Linear
 
 COMPUTE_DTYPE = torch.bfloat16
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+SENTINEL_COLUMNS = 4  # w8a8's extra input columns (2 sentinels, 2 zeros): see the module doc
 
 
 def w8a8_unavailable() -> str | None:
@@ -181,12 +183,12 @@ class QuantLinear(Linear):
         return fused
 
     def packed(self):
-        """fbgemm's packed weight (made on first use: after any row stacking), with two zero
-        input columns for the sentinels."""
+        """fbgemm's packed weight (made on first use: after any row stacking), with
+        ``SENTINEL_COLUMNS`` zero input columns for the sentinels."""
         if self._packed is None:
             with warnings.catch_warnings():  # quantized tensors are deprecated (not yet gone)
                 warnings.simplefilter("ignore", UserWarning)
-                weight = torch.cat([self.qweight, self.qweight.new_zeros(self.out_features, 2)], 1)
+                weight = torch.cat([self.qweight, self.qweight.new_zeros(self.out_features, SENTINEL_COLUMNS)], 1)
                 q = torch._make_per_channel_quantized_tensor(
                     weight, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
                 self._packed = torch.ops.quantized.linear_prepack(q, None)
@@ -195,13 +197,14 @@ class QuantLinear(Linear):
             # so it rounds every value to the nearest integer (the int8 the token gets)
             self._reduce_range = _reduce_range()
             self._level = 63.0 if self._reduce_range else 127.0
-            self._sentinels = torch.zeros(0, 2)
+            self._sentinels = torch.zeros(0, SENTINEL_COLUMNS)
         return self._packed
 
     def _sentinel_columns(self, rows: int) -> torch.Tensor:
-        """``[rows, 2]``: the first row +-(level + 1/2), the rest 0 (grown on demand)."""
+        """``[rows, SENTINEL_COLUMNS]``: the first row starts +-(level + 1/2), the rest is 0
+        (grown on demand)."""
         if self._sentinels.shape[0] < rows:
-            grown = torch.zeros(max(rows, 2 * self._sentinels.shape[0], 16), 2)
+            grown = torch.zeros(max(rows, 2 * self._sentinels.shape[0], 16), SENTINEL_COLUMNS)
             grown[0, 0], grown[0, 1] = self._level + 0.5, -self._level - 0.5
             self._sentinels = grown
         return self._sentinels[:rows]
