@@ -185,6 +185,8 @@ def main() -> None:
                     help="how loaded the machine was, for the table's caption")
     ap.add_argument("--write", action="store_true", help="write the table to benchmarks/sections/llamacpp.md")
     args = ap.parse_args()
+    if args.gguf and args.shape != "embedded":
+        ap.error("--gguf and --shape name different models; give one")
     torch.set_num_threads(args.threads)
     cpu = describe()
     print("cpu:", cpu, flush=True)

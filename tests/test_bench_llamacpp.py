@@ -1,0 +1,44 @@
+"""benchmarks/bench_llamacpp.py's model-building helpers on a tiny shape: the random-weight
+checkpoint of ``--shape`` loads, exports to Q8_0 and generates, and the forward-cost ratios
+are relative to the 1-token forward. (llama.cpp itself is not built here.)"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from trimode import LLM, SamplingParams
+from trimode.checkpoint.gguf_export import export_gguf
+from trimode.quant.layers import w8a8_unavailable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_llamacpp  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16)
+
+
+def test_random_checkpoint_loads_exports_and_generates(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_llamacpp, "cache_dir", lambda: tmp_path / "llamacpp")
+    monkeypatch.setitem(bench_llamacpp.WIDE, "tiny", TINY)
+    path = bench_llamacpp.random_checkpoint("tiny", 2)
+    assert path == tmp_path / "bench" / "tiny-2-layers"
+    assert bench_llamacpp.random_checkpoint("tiny", 2) == path  # written once, then reused
+    llm = LLM(str(path), draft_adapter=False, progress=False)
+    config = llm.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (2, 64, 2)
+    assert config.vocab_size == 49152  # the embedded tokenizer's vocabulary
+    weights = [p for p in llm.model.parameters() if p.dim() == 2]
+    assert all(0.01 < float(p.std()) < 0.03 for p in weights)  # N(0, 0.02), not left at init
+
+    gguf = export_gguf(path, tmp_path / "tiny-q8_0.gguf", "q8_0", arch="llama")
+    scheme = "int8" if w8a8_unavailable() else "w8a8"
+    quant = LLM(str(gguf), quantization=scheme, draft_adapter=False, progress=False)
+    out = quant.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0))[0]
+    assert 1 <= out.metrics.generated_tokens <= 4
+
+    ratios = bench_llamacpp.forward_ratios(quant.model, widths=(1, 2, 4))
+    assert set(ratios) == {1, 2, 4} and ratios[1] == pytest.approx(1.0)
+    assert all(r > 0 for r in ratios.values())
