@@ -188,9 +188,10 @@ class QuantLinear(Linear):
         if self._packed is None:
             with warnings.catch_warnings():  # quantized tensors are deprecated (not yet gone)
                 warnings.simplefilter("ignore", UserWarning)
-                weight = torch.cat([self.qweight, self.qweight.new_zeros(self.out_features, SENTINEL_COLUMNS)], 1)
+                zeros = self.qweight.new_zeros(self.out_features, SENTINEL_COLUMNS)
                 q = torch._make_per_channel_quantized_tensor(
-                    weight, self.scales.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
+                    torch.cat([self.qweight, zeros], 1), self.scales.double(),
+                    torch.zeros(self.out_features, dtype=torch.long), 0)
                 self._packed = torch.ops.quantized.linear_prepack(q, None)
             # each token is scaled to [-level, level]; sentinels at +-(level + 1/2) make
             # fbgemm's range [-(level + 1/2), level + 1/2] in 2 level + 1 steps of exactly 1,
@@ -216,7 +217,8 @@ class QuantLinear(Linear):
         if x2.dtype != torch.float32:
             x2 = x2.float()
         packed = self.packed()
-        step = torch.linalg.vector_norm(x2, float("inf"), 1, True).clamp_(min=1e-30).div_(self._level)
+        step = torch.linalg.vector_norm(x2, float("inf"), 1, True)
+        step = step.clamp_(min=1e-30).div_(self._level)
         # |x / step| <= level (+ rounding); the sentinel columns meet zero weights
         rows = torch.cat([x2 / step, self._sentinel_columns(x2.shape[0])], 1)
         out = torch.ops.quantized.linear_dynamic(rows, packed, self._reduce_range) * step
