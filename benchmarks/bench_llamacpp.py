@@ -5,7 +5,8 @@ source inside PyPI's ``llama-cpp-python==0.3.36`` sdist, once, under ``$TRIMODE_
 (default ``~/.cache/trimode/llamacpp``), with ``GGML_NATIVE=OFF`` and the AVX2/AVX-512 options
 (llama.cpp's AMX path crashes in some virtual machines); skipped with a message when cmake or a
 C++ compiler is missing. Then, per round, llama.cpp ``tg64`` / ``pp8`` / ``pp16`` and trimode's
-ar, linear_spec, quadratic_spec and diffusion tokens/s (batch 1, held-out prompts, greedy) on
+ar, linear_spec, quadratic_spec and diffusion decode tokens/s after the first token, as
+llama.cpp's tg64 counts them (batch 1, held-out prompts, greedy; whole generates too) on
 the same file (after one untimed warm-up generate per mode); the table reports medians over
 rounds and the ratio to llama.cpp tg64. The machine may be shared: only the ratios within one
 run mean anything.
@@ -135,22 +136,32 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict[str, float]:
 def trimode_rates(llm, prompts, max_tokens: int, blocks: tuple[int, ...] = (8,),
                   modes: tuple[str, ...] = ("linear_spec", "quadratic_spec", "diffusion"),
                   ) -> dict[str, float]:
-    """tokens/s of ar, then each mode at each block length (key ``"mode B=n"``), batch 1,
-    and how many of the prompts each gave exactly ar's tokens (``"... identical to ar"``)."""
+    """Decode tokens/s after the first token (key ``mode`` or ``"mode B=n"``) of ar, then each
+    mode at each block length, batch 1: per prompt, a generate of ``max_tokens`` minus one of
+    1 token (prefill and first token), as llama.cpp's tg64 leaves the prompt out; the whole
+    generate's rate (``"... whole"``); and how many prompts gave exactly ar's tokens
+    (``"... identical to ar"``)."""
     from trimode import SamplingParams
 
     rates, ids = {}, {}
     configs = [("ar", None)] + [(m, b) for b in blocks for m in modes]
+    chat = lambda p, params: llm.chat([[{"role": "user", "content": p}]], params)[0]  # noqa: E731
     for mode, block in configs:
         key = mode if block is None else f"{mode} B={block}"
-        params = SamplingParams(mode=mode, max_tokens=max_tokens, temperature=0,
-                                **({"block_length": block} if block else {}))
-        start, tokens, ids[key] = time.perf_counter(), 0, []
+        kw = dict(mode=mode, temperature=0, **({"block_length": block} if block else {}))
+        tokens = first_tokens = seconds = first_seconds = 0.0
+        ids[key] = []
         for p in prompts:  # batch 1
-            out = llm.chat([[{"role": "user", "content": p}]], params)[0]
+            start = time.perf_counter()
+            first_tokens += chat(p, SamplingParams(max_tokens=1, **kw)).metrics.generated_tokens
+            first_seconds += time.perf_counter() - start
+            start = time.perf_counter()
+            out = chat(p, SamplingParams(max_tokens=max_tokens, **kw))
+            seconds += time.perf_counter() - start
             tokens += out.metrics.generated_tokens
             ids[key].append(out.token_ids)
-        rates[key] = tokens / (time.perf_counter() - start)
+        rates[key] = (tokens - first_tokens) / max(seconds - first_seconds, 1e-9)
+        rates[key + " whole"] = tokens / seconds
         rates[key + " identical to ar"] = sum(a == b for a, b in zip(ids[key], ids["ar"]))
     return rates
 
@@ -225,24 +236,28 @@ def main() -> None:
     schemes = ", ".join(f"{q} -> {llm.quantization}" for q, llm in llms.items())
     lines = [f"GGUF `{gguf.name}`, {args.threads} threads, quantization {schemes}, "
              f"{args.rounds} interleaved rounds (medians); CPU: {cpu}; machine: {args.machine}.", "",
-             "| engine | test | tokens/s | / llama.cpp tg64 | / trimode ar |", "|---|---|---:|---:|---:|"]
+             "trimode's tokens/s are decode after the first token (a generate of the given "
+             "max_tokens minus one of 1), the last column its whole generate, prefill included.",
+             "", "| engine | test | tokens/s | / llama.cpp tg64 | / trimode ar | whole generate |",
+             "|---|---|---:|---:|---:|---:|"]
     tg = med(peer, "tg64") if peer else None
     for k in ("tg64", "pp8", "pp16"):
         if peer:
-            lines.append(f"| llama.cpp | {k} | {med(peer, k):.1f} | {med(peer, k) / tg:.2f}x | |")
+            lines.append(f"| llama.cpp | {k} | {med(peer, k):.1f} | {med(peer, k) / tg:.2f}x | | |")
     if peer:
         lines.append(f"| llama.cpp | forward, 8 tokens / 1 token (8 x tg64 / pp8) | "
-                     f"{8 * tg / med(peer, 'pp8'):.2f} | | |")
+                     f"{8 * tg / med(peer, 'pp8'):.2f} | | | |")
     for q, rows in ours.items():
         for width in (2, 4, 8, 16):
             lines.append(f"| trimode {llms[q].quantization} | forward, {width} tokens / 1 token | "
-                         f"{med(rows, f'forward {width} / 1'):.2f} | | |")
+                         f"{med(rows, f'forward {width} / 1'):.2f} | | | |")
         for key in ["ar"] + [f"{m} B={b}" for b in blocks for m in modes]:
             v = med(rows, key)
             same = f"{rows[-1][key + ' identical to ar']}/{len(prompts)} identical to ar"
             label = key if key == "ar" else f"{key} ({same})"
             lines.append(f"| trimode {llms[q].quantization} | {label} | {v:.1f} | "
-                         + (f"{v / tg:.2f}x |" if tg else "– |") + f" {v / med(rows, 'ar'):.2f}x |")
+                         + (f"{v / tg:.2f}x |" if tg else "– |") + f" {v / med(rows, 'ar'):.2f}x | "
+                         + f"{med(rows, key + ' whole'):.1f} |")
     lines.append("")
     lines.append(f"Command: `python benchmarks/bench_llamacpp.py {' '.join(sys.argv[1:])}`".rstrip())
     print("\n".join(lines))

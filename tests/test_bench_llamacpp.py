@@ -1,6 +1,6 @@
 """benchmarks/bench_llamacpp.py's model-building helpers on a tiny shape: the random-weight
-checkpoint of ``--shape`` loads, exports to Q8_0 and generates, and the forward-cost ratios
-are relative to the 1-token forward. (llama.cpp itself is not built here.)"""
+checkpoint of ``--shape`` loads, exports to Q8_0 and generates; the per-mode rates and the
+forward-cost ratios come out keyed as the table reads them. (llama.cpp itself is not built here.)"""
 
 from __future__ import annotations
 
@@ -33,11 +33,18 @@ def test_random_checkpoint_loads_exports_and_generates(tmp_path, monkeypatch):
     weights = [p for p in llm.model.parameters() if p.dim() == 2]
     assert all(0.01 < float(p.std()) < 0.03 for p in weights)  # N(0, 0.02), not left at init
 
-    gguf = export_gguf(path, tmp_path / "tiny-q8_0.gguf", "q8_0", arch="llama")
+    gguf = export_gguf(path, tmp_path / "tiny-q8_0-dream.gguf", "q8_0", arch="dream")
     scheme = "int8" if w8a8_unavailable() else "w8a8"
     quant = LLM(str(gguf), quantization=scheme, draft_adapter=False, progress=False)
     out = quant.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0))[0]
     assert 1 <= out.metrics.generated_tokens <= 4
+
+    rates = bench_llamacpp.trimode_rates(quant, ["Hello", "Bye"], 4, blocks=(4,),
+                                         modes=("linear_spec",))
+    assert set(rates) == {f"{k}{s}" for k in ("ar", "linear_spec B=4")
+                          for s in ("", " whole", " identical to ar")}
+    assert rates["ar identical to ar"] == 2 and rates["linear_spec B=4 identical to ar"] == 2
+    assert rates["ar"] > 0 and rates["ar whole"] > 0
 
     ratios = bench_llamacpp.forward_ratios(quant.model, widths=(1, 2, 4))
     assert set(ratios) == {1, 2, 4} and ratios[1] == pytest.approx(1.0)
