@@ -184,3 +184,40 @@ def test_auto_requests_switching_modes_under_a_small_pool_equal_ar():
     finish(engine, check_pages)
     assert [engine.output(i).generated for i in ids] == want
     assert engine.stats()["kv_pages_used"] == 0
+
+
+def test_paged_cache_stores_and_gathers_keys_and_values_like_the_dense_cache():
+    """Keys and values share one buffer per layer (``kv``): a store through ``store_kv`` or
+    ``store`` and a gather through ``window`` (with or without the per-forward page index)
+    give the dense cache's keys and values, on pages out of order; ``keys``/``values`` are
+    views of that buffer (``read_row`` sees the same slots)."""
+    import torch
+
+    from trimode.model.kv_cache import KVCache
+    from trimode.model.paged_cache import PagedKVCache
+
+    torch.manual_seed(0)
+    layers, rows, heads, dim, page, max_pages = 2, 2, 3, 4, 4, 3
+    paged = PagedKVCache(layers, 8, page, heads, dim, rows, max_pages, torch.float32)
+    dense = KVCache(layers, rows, heads, dim, page * max_pages, torch.float32, "cpu")
+    paged.set_pages(0, 0, [5, 2, 7])
+    paged.set_pages(1, 0, [3, 6, 1])
+    t = 6
+    slots = torch.arange(t)[None, :].expand(rows, -1)
+    real = torch.ones(rows, t, dtype=torch.bool)
+    rows_index = torch.arange(rows)[:, None].expand(-1, t)
+    for layer in range(layers):
+        k, v = torch.randn(rows, heads, t, dim), torch.randn(rows, heads, t, dim)
+        dense.store(layer, dense.write_index(rows_index, slots, real), k, v)
+        index = paged.write_index(rows_index, slots, real)
+        if layer == 0:
+            paged.store_kv(layer, index, torch.cat([k, v], 1).transpose(1, 2))
+        else:
+            paged.store(layer, index, k, v)
+        for given in (None, paged.window_index(t)):
+            keys, values = paged.window(layer, t, given)
+            want_k, want_v = dense.window(layer, t)
+            assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+        got_k, got_v = paged.read_row(layer, 1, t)
+        assert torch.equal(got_k, k[1]) and torch.equal(got_v, v[1])
+        assert paged.keys[layer].data_ptr() == paged.kv[layer].data_ptr()
