@@ -104,13 +104,18 @@ def random_checkpoint(shape: str, layers: int) -> Path:
         if (src / name).exists():
             shutil.copy(src / name, tmp / name)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    torch.manual_seed(0)
-    net = TriModeModel(ModelConfig.from_file(tmp / "config.json"))
-    with torch.no_grad():
-        for p in net.parameters():
-            p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
-    state = {k: v.contiguous() for k, v in net.state_dict().items() if k != "diffusion_head.weight"}
-    save_file(state, str(tmp / "model.safetensors"))
+    try:
+        torch.manual_seed(0)
+        net = TriModeModel(ModelConfig.from_file(tmp / "config.json"))
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0, 0.02) if p.dim() == 2 else p.fill_(1.0)
+        state = {k: v.contiguous() for k, v in net.state_dict().items()
+                 if k != "diffusion_head.weight"}
+        save_file(state, str(tmp / "model.safetensors"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(out)
     return out
 
@@ -160,7 +165,11 @@ def trimode_rates(llm, prompts, max_tokens: int, blocks: tuple[int, ...] = (8,),
             seconds += time.perf_counter() - start
             tokens += out.metrics.generated_tokens
             ids[key].append(out.token_ids)
-        rates[key] = (tokens - first_tokens) / max(seconds - first_seconds, 1e-9)
+        if seconds <= first_seconds:
+            raise RuntimeError(f"{key}: {max_tokens}-token generates took {seconds:.3f} s, no "
+                               f"longer than 1-token ones ({first_seconds:.3f} s): no decode "
+                               "time to measure (a prefix cache, or too few --max-tokens?)")
+        rates[key] = (tokens - first_tokens) / (seconds - first_seconds)
         rates[key + " whole"] = tokens / seconds
         rates[key + " identical to ar"] = sum(a == b for a, b in zip(ids[key], ids["ar"]))
     return rates
@@ -170,10 +179,8 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from trimode import LLM
-    from trimode.checkpoint.embedded import shipped_adapter
+    from trimode.quant import SCHEMES
     from trimode.quant.cpu import describe
-    from trimode.training.corpora import eval_prompts
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gguf", default=None, help="GGUF file (default: trimode's Q8_0 llama-arch "
@@ -198,23 +205,41 @@ def main() -> None:
     args = ap.parse_args()
     if args.gguf and args.shape != "embedded":
         ap.error("--gguf and --shape name different models; give one")
+    if args.gguf and not Path(args.gguf).is_file():
+        ap.error(f"--gguf: no such file: {args.gguf}")
+    if args.layers < 1:
+        ap.error(f"--layers must be >= 1; got {args.layers}")
+    bad = [q for q in args.quantization.split(",") if q not in SCHEMES]
+    if bad:
+        ap.error(f"--quantization: {', '.join(bad)} not one of {', '.join(SCHEMES)}")
     torch.set_num_threads(args.threads)
     cpu = describe()
     print("cpu:", cpu, flush=True)
+    with tempfile.TemporaryDirectory() as tmp:  # the exported files go with it
+        run(args, cpu, Path(tmp))
+
+
+def run(args, cpu: str, tmp: Path) -> None:
+    from trimode import LLM
+    from trimode.checkpoint.embedded import shipped_adapter
+    from trimode.training.corpora import eval_prompts
+
     gguf = ours_gguf = Path(args.gguf) if args.gguf else None
     if gguf is None:
         from trimode.checkpoint.gguf_export import export_gguf
 
         # the same Q8_0 tensors twice: the llama view for llama-bench, the dream view (with
         # tokenizer.ggml.mask_token_id, which the parallel modes need) for trimode
-        tmp = Path(tempfile.mkdtemp())
         source = None if args.shape == "embedded" else random_checkpoint(args.shape, args.layers)
         name = "smollm2" if source is None else source.name
         gguf = export_gguf(source, tmp / f"{name}-q8_0.gguf", "q8_0", arch="llama")
         ours_gguf = export_gguf(source, tmp / f"{name}-q8_0-dream.gguf", "q8_0", arch="dream")
     bin_dir = build()
     adapter = (shipped_adapter() or False) if args.shape == "embedded" else False  # its shape only
-    llms = {q: LLM(str(ours_gguf), quantization=q, draft_adapter=adapter,
+    # no prefix cache: every generate pays its prompt's prefill, so a generate minus a 1-token
+    # one is its decode alone (with the cache the second call would skip a prefill the first
+    # paid, and the difference would undercount)
+    llms = {q: LLM(str(ours_gguf), quantization=q, draft_adapter=adapter, prefix_cache=False,
                    progress=False) for q in args.quantization.split(",")}
     sets = eval_prompts(n_gsm=args.prompts)
     prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]
