@@ -138,11 +138,21 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int) -> dict[str, float]:
     return {("tg" if r["n_gen"] else "pp") + str(r["n_gen"] or r["n_prompt"]): r["avg_ts"] for r in rows}
 
 
+def timed_llm(gguf: Path, quantization: str, adapter):
+    """The LLM ``trimode_rates`` times: no prefix cache, so every generate pays its prompt's
+    prefill and a generate minus a 1-token one is its decode alone (with the cache the second
+    call would skip a prefill the first paid, and the difference would undercount)."""
+    from trimode import LLM
+
+    return LLM(str(gguf), quantization=quantization, draft_adapter=adapter, prefix_cache=False,
+               progress=False)
+
+
 def trimode_rates(llm, prompts, max_tokens: int, blocks: tuple[int, ...] = (8,),
                   modes: tuple[str, ...] = ("linear_spec", "quadratic_spec", "diffusion"),
                   warmup: bool = False) -> dict[str, float]:
-    """Decode tokens/s after the first token (key ``mode`` or ``"mode B=n"``) of ar, then each
-    mode at each block length, batch 1: per prompt, a generate of ``max_tokens`` minus one of
+    """On a ``timed_llm``: decode tokens/s after the first token (key ``mode`` or
+    ``"mode B=n"``) of ar, then each mode at each block length, batch 1: per prompt, a generate of ``max_tokens`` minus one of
     1 token (prefill and first token), as llama.cpp's tg64 leaves the prompt out; the whole
     generate's rate (``"... whole"``); and how many prompts gave exactly ar's tokens
     (``"... identical to ar"``). ``warmup``: only run them (nothing is returned)."""
@@ -222,7 +232,6 @@ def main() -> None:
 
 
 def run(args, cpu: str, tmp: Path) -> None:
-    from trimode import LLM
     from trimode.checkpoint.embedded import shipped_adapter
     from trimode.training.corpora import eval_prompts
 
@@ -238,11 +247,7 @@ def run(args, cpu: str, tmp: Path) -> None:
         ours_gguf = export_gguf(source, tmp / f"{name}-q8_0-dream.gguf", "q8_0", arch="dream")
     bin_dir = build()
     adapter = (shipped_adapter() or False) if args.shape == "embedded" else False  # its shape only
-    # no prefix cache: every generate pays its prompt's prefill, so a generate minus a 1-token
-    # one is its decode alone (with the cache the second call would skip a prefill the first
-    # paid, and the difference would undercount)
-    llms = {q: LLM(str(ours_gguf), quantization=q, draft_adapter=adapter, prefix_cache=False,
-                   progress=False) for q in args.quantization.split(",")}
+    llms = {q: timed_llm(ours_gguf, q, adapter) for q in args.quantization.split(",")}
     sets = eval_prompts(n_gsm=args.prompts)
     prompts = [sets[name][i] for i in range(args.prompts) for name in ("mt_bench", "humaneval", "gsm_symbolic")]
     blocks = tuple(int(b) for b in args.block_lengths.split(","))

@@ -35,7 +35,7 @@ def test_random_checkpoint_loads_exports_and_generates(tmp_path, monkeypatch):
 
     gguf = export_gguf(path, tmp_path / "tiny-q8_0-dream.gguf", "q8_0", arch="dream")
     scheme = "int8" if w8a8_unavailable() else "w8a8"
-    quant = LLM(str(gguf), quantization=scheme, draft_adapter=False, progress=False)
+    quant = bench_llamacpp.timed_llm(gguf, scheme, False)
     out = quant.generate(["Hello"], SamplingParams(max_tokens=4, temperature=0))[0]
     assert 1 <= out.metrics.generated_tokens <= 4
 
